@@ -1,0 +1,43 @@
+"""The ``prefect-gpu-operator`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from prefect_gpu_operator import __version__
+
+__all__ = ["main"]
+
+
+def _version(_: argparse.Namespace) -> int:
+    print(__version__)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefect-gpu-operator",
+        description="Keep one Prefect global concurrency limit per Kubernetes GPU node.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("version", help="print the version").set_defaults(handler=_version)
+
+    # Imported here so that `version` and `--help` stay fast.
+    from prefect_gpu_operator.demo import add_demo_command
+    from prefect_gpu_operator.sandbox.cli import add_sandbox_commands
+
+    add_sandbox_commands(commands)
+    add_demo_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The README's main command runs end to end and cleans up after itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_and_stops_its_servers(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect_gpu_operator.cli", "demo", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "allocatable nvidia.com/gpu=4" in result.stdout
+    assert "Prefect API" in result.stdout and "healthy" in result.stdout
+    assert "stopping the servers" in result.stdout
+    leftovers = [
+        line for line in subprocess.run(
+            ["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if str(tmp_path) in line
+    ]
+    assert leftovers == []
