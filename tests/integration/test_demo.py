@@ -18,7 +18,8 @@ def test_demo_runs_and_stops_its_servers(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "allocatable nvidia.com/gpu=4" in result.stdout
-    assert "Prefect API" in result.stdout and "healthy" in result.stdout
+    assert "Prefect API" in result.stdout
+    assert "healthy" in result.stdout
     assert "stopping the servers" in result.stdout
     leftovers = [
         line for line in subprocess.run(
