@@ -1,7 +1,8 @@
 # Two entry points: `make demo` (the main job on embedded defaults) and `make test` (everything CI
 # runs). Both install what they need; heavy things are cached outside the checkout.
 CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/prefect-gpu-operator
-VENV  ?= $(CACHE)/venv
+# One virtualenv per checkout: an editable install points at exactly one source tree.
+VENV  ?= $(CACHE)/venvs/$(shell pwd | sha1sum | cut -c1-12)
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 
@@ -9,6 +10,7 @@ BIN   := $(VENV)/bin
 
 install:
 	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 
 tools: install
