@@ -9,8 +9,7 @@ BIN   := $(VENV)/bin
 .PHONY: demo test lint unit integration install tools clean-sandbox
 
 install:
-	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@test -x $(PY) || { python3 -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip; }
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 
 tools: install

@@ -44,13 +44,21 @@ def _servers(directory: Path) -> Iterator[tuple[ControlPlane, PrefectServer]]:
         plane.stop()
 
 
-def _node_body(name: str, gpus: int) -> dict[str, object]:
+def _simulated_node(name: str, gpus: int) -> client.V1Node:
+    """A Node as a kubelet would register it; no kubelet runs, so nothing is scheduled on it."""
     quantities = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
-    return {
-        "metadata": {"name": name},
-        "spec": {"taints": [{"key": "prefectgpu.io/simulated", "effect": "NoSchedule"}]},
-        "status": {"capacity": quantities, "allocatable": quantities},
-    }
+    return client.V1Node(
+        metadata=client.V1ObjectMeta(name=name, labels={"kubernetes.io/hostname": name}),
+        spec=client.V1NodeSpec(
+            taints=[client.V1Taint(key="prefectgpu.io/simulated", effect="NoSchedule")]
+        ),
+        status=client.V1NodeStatus(capacity=quantities, allocatable=quantities),
+    )
+
+
+def _gpus(node: client.V1Node) -> str:
+    allocatable = (node.status.allocatable if node.status else None) or {}
+    return allocatable.get("nvidia.com/gpu", "0")
 
 
 async def _prefect_summary() -> str:
@@ -64,14 +72,14 @@ async def _prefect_summary() -> str:
 
 def run_demo(directory: Path) -> None:
     with _servers(directory) as (plane, prefect):
-        api = config.new_client_from_config(config_file=str(plane.kubeconfig))
+        api = config.new_client_from_config(config_file=str(plane.kubeconfig))  # type: ignore[no-untyped-call]
         core = client.CoreV1Api(api)
         for name, gpus in SIMULATED_NODES.items():
-            core.create_node(_node_body(name, gpus))
+            core.create_node(_simulated_node(name, gpus))
             _step(f"created simulated node {name} with nvidia.com/gpu={gpus}")
         for node in core.list_node().items:
-            _step(f"kubectl get node {node.metadata.name}: "
-                  f"allocatable nvidia.com/gpu={node.status.allocatable.get('nvidia.com/gpu')}")
+            name = (node.metadata.name if node.metadata else None) or "?"
+            _step(f"kubectl get node {name}: allocatable nvidia.com/gpu={_gpus(node)}")
         with temporary_settings(updates={PREFECT_API_URL: prefect.api_url}):
             _step(asyncio.run(_prefect_summary()))
         api.close()
