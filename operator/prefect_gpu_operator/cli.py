@@ -16,6 +16,13 @@ def _version(_: argparse.Namespace) -> int:
     return 0
 
 
+def _crd(_: argparse.Namespace) -> int:
+    from prefect_gpu_operator.crd import render_crd_yaml
+
+    sys.stdout.write(render_crd_yaml())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefect-gpu-operator",
@@ -23,11 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("version", help="print the version").set_defaults(handler=_version)
+    commands.add_parser("crd", help="print the GPULimitPolicy CRD as YAML").set_defaults(
+        handler=_crd
+    )
 
     # Imported here so that `version` and `--help` stay fast.
     from prefect_gpu_operator.demo import add_demo_command
+    from prefect_gpu_operator.run import add_run_command
     from prefect_gpu_operator.sandbox.cli import add_sandbox_commands
 
+    add_run_command(commands)
     add_sandbox_commands(commands)
     add_demo_command(commands)
     return parser

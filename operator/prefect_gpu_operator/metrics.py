@@ -1,0 +1,37 @@
+"""Prometheus metrics of the operator, served on ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "ADMISSIONS",
+    "MANAGED_LIMITS",
+    "NODE_SLOTS",
+    "PREFECT_CALLS",
+    "PREFECT_ERRORS",
+    "RECONCILES",
+    "RECONCILE_SECONDS",
+]
+
+PREFECT_CALLS = Counter(
+    "prefect_gpu_operator_prefect_api_calls", "Prefect API requests made", ["operation"]
+)
+PREFECT_ERRORS = Counter(
+    "prefect_gpu_operator_prefect_api_errors", "Prefect API requests that failed", ["operation"]
+)
+RECONCILES = Counter(
+    "prefect_gpu_operator_reconciles", "Policy reconciliations", ["policy", "trigger"]
+)
+RECONCILE_SECONDS = Histogram(
+    "prefect_gpu_operator_reconcile_seconds",
+    "Duration of one policy reconciliation",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+MANAGED_LIMITS = Gauge(
+    "prefect_gpu_operator_managed_limits", "Global concurrency limits a policy owns", ["policy"]
+)
+NODE_SLOTS = Gauge("prefect_gpu_operator_node_slots", "Slots of a node's limit", ["policy", "node"])
+ADMISSIONS = Counter(
+    "prefect_gpu_operator_webhook_admissions", "Pods seen by the webhook", ["result"]
+)

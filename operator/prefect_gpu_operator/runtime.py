@@ -1,0 +1,293 @@
+"""The operator's live state and its one reconcile loop, between kopf's handlers and the adapters.
+
+Nodes and policies arrive through kopf's watches (``observe_*``); each policy's daemon calls
+``reconcile`` whenever something relevant changed and every ``resync_seconds``. A reconcile is
+level-triggered: desired state from every policy and node (pure), Prefect's limits (cached between
+full resyncs, which re-read them), then the plan (pure) applied in crash-safe order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from prefect_gpu_operator.desired import (
+    GPUNode,
+    LimitNameError,
+    Policy,
+    PolicyDesired,
+    desired_limits,
+)
+from prefect_gpu_operator.kube import Kube, SecretNotFound, gpu_node
+from prefect_gpu_operator.metrics import MANAGED_LIMITS, RECONCILE_SECONDS, RECONCILES
+from prefect_gpu_operator.plan import ObservedLimit, Plan, plan_policy
+from prefect_gpu_operator.policy import GPULimitPolicySpec, LimitEntry, PrefectServerReference
+from prefect_gpu_operator.prefect_api import PrefectLimits, PrefectUnreachable
+from prefect_gpu_operator.settings import OperatorSettings
+from prefect_gpu_operator.status import Outcome, build_status
+
+__all__ = ["Event", "Operator", "PolicyRecord"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the policy."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class PolicyRecord:
+    """What the operator knows of one policy between reconciles."""
+
+    policy: Policy | None  # None when the spec does not parse
+    spec_error: str | None
+    ledger: tuple[LimitEntry, ...]
+    status: dict[str, Any] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> datetime.datetime:
+    if not value:
+        return datetime.datetime.max.replace(tzinfo=datetime.UTC)
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _ledger(status: Mapping[str, Any]) -> tuple[LimitEntry, ...]:
+    return tuple(LimitEntry.model_validate(entry) for entry in status.get("limits") or [])
+
+
+class Operator:
+    """Nodes, policies, Prefect connections and the reconcile of one policy."""
+
+    def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.nodes: dict[str, GPUNode] = {}
+        self.policies: dict[str, PolicyRecord] = {}
+        self._servers: dict[tuple[str, str | None], PrefectLimits] = {}
+        self._observed: dict[str, dict[str, ObservedLimit]] = {}
+
+    # --- what the watches tell us ------------------------------------------------------------
+
+    def observe_node(self, body: Mapping[str, Any], deleted: bool = False) -> bool:
+        """Record a node; True (and every policy woken) if its labels or GPUs changed."""
+        node = gpu_node(body)
+        before = self.nodes.get(node.name)
+        if deleted:
+            self.nodes.pop(node.name, None)
+            changed = before is not None
+        else:
+            self.nodes[node.name] = node
+            changed = before != node
+        if changed:
+            self.wake_all()
+        return changed
+
+    def observe_policy(self, body: Mapping[str, Any]) -> PolicyRecord:
+        """Record a policy's spec; wake every policy when a spec appears or changes."""
+        metadata = body["metadata"]
+        name = metadata["name"]
+        generation = int(metadata.get("generation") or 1)
+        policy: Policy | None = None
+        spec_error: str | None = None
+        try:
+            spec = GPULimitPolicySpec.model_validate(body.get("spec") or {})
+            policy = Policy(name, spec, _parse_time(metadata.get("creationTimestamp")), generation)
+        except ValidationError as error:
+            spec_error = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+            )
+        record = self.policies.get(name)
+        if record is None:
+            status = dict(body.get("status") or {})
+            record = PolicyRecord(policy, spec_error, _ledger(status), status)
+            self.policies[name] = record
+            self.wake_all()
+        elif record.policy != policy or record.spec_error != spec_error:
+            record.policy, record.spec_error = policy, spec_error
+            self.wake_all()
+        return record
+
+    def forget_policy(self, name: str) -> None:
+        if self.policies.pop(name, None) is not None:
+            with contextlib.suppress(KeyError):
+                MANAGED_LIMITS.remove(name)
+            self.wake_all()  # a younger policy may now own what this one held
+
+    def wake_all(self) -> None:
+        for record in self.policies.values():
+            record.wake.set()
+
+    # --- Prefect -------------------------------------------------------------------------------
+
+    async def _server(self, reference: PrefectServerReference) -> PrefectLimits:
+        api_key: str | None = None
+        if reference.api_key is not None:
+            selector = reference.api_key.value_from.secret_key_ref
+            api_key = await self.kube.read_secret_key(
+                self.settings.namespace, selector.name, selector.key
+            )
+        key = (reference.api_url, api_key)
+        if key not in self._servers:
+            self._servers[key] = PrefectLimits(
+                reference.api_url, api_key, timeout=self.settings.prefect_timeout_seconds
+            )
+        return self._servers[key]
+
+    async def _observe_prefect(self, server: PrefectLimits, full: bool) -> dict[str, ObservedLimit]:
+        if full or server.api_url not in self._observed:
+            self._observed[server.api_url] = await server.list_all()
+        return self._observed[server.api_url]
+
+    async def close(self) -> None:
+        for server in self._servers.values():
+            await server.close()
+        self.kube.close()
+
+    # --- reconcile -----------------------------------------------------------------------------
+
+    def _desired(self, name: str) -> PolicyDesired:
+        policies = [r.policy for r in self.policies.values() if r.policy is not None]
+        return desired_limits(policies, self.nodes.values()).get(name, PolicyDesired())
+
+    def _other_ledgers(self, name: str) -> dict[str, str]:
+        return {
+            entry.name: other
+            for other, record in self.policies.items()
+            if other != name
+            for entry in record.ledger
+        }
+
+    async def reconcile(self, name: str, *, full: bool, deleting: bool = False) -> list[Event]:
+        """Bring one policy's limits to the desired state; return the events to post.
+
+        ``full`` re-reads Prefect's limits (drift repair); otherwise the cache of the last read and
+        of the operator's own writes is trusted, so a node change costs only the write it needs.
+        Raises nothing for Prefect trouble: that is reported in status and events.
+        """
+        record = self.policies.get(name)
+        if record is None:
+            return []
+        async with record.lock:
+            started = time.perf_counter()
+            RECONCILES.labels(name, "full" if full else "change").inc()
+            try:
+                return await self._reconcile(name, record, full=full, deleting=deleting)
+            finally:
+                RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    async def _reconcile(
+        self, name: str, record: PolicyRecord, *, full: bool, deleting: bool
+    ) -> list[Event]:
+        policy = record.policy
+        generation = (
+            policy.generation if policy else int(record.status.get("observedGeneration") or 0)
+        )
+        if policy is None:
+            await self._write_status(
+                name, record, Outcome(generation, spec_error=record.spec_error)
+            )
+            return [Event("Warning", "InvalidSpec", record.spec_error or "invalid spec")]
+        spec = policy.spec
+        events: list[Event] = []
+        plan: Plan | None = None
+        try:
+            server = await self._server(spec.server)
+            observed = await self._observe_prefect(server, full)
+            try:
+                desired = PolicyDesired() if deleting else self._desired(name)
+            except LimitNameError as error:
+                await self._write_status(name, record, Outcome(generation, spec_error=str(error)))
+                return [Event("Warning", "InvalidLimitName", str(error))]
+            plan = plan_policy(
+                desired,
+                record.ledger,
+                observed,
+                deletion_policy=spec.deletion_policy,
+                other_ledgers=self._other_ledgers(name),
+            )
+            if plan.claim != record.ledger:
+                # Write-ahead: name every limit about to be created before creating it, so a
+                # crash cannot leave one of ours looking like a user's.
+                record.ledger = plan.claim
+                await self._write_status(
+                    name, record, Outcome(generation, plan=plan), ledger_only=True
+                )
+            events = await self._apply(server, plan, observed)
+            record.ledger = plan.ledger
+        except (PrefectUnreachable, SecretNotFound) as error:
+            self._observed.pop(spec.server.api_url, None)  # re-read everything once it is back
+            message = str(error)
+            await self._write_status(
+                name, record, Outcome(generation, plan=plan, prefect_error=message)
+            )
+            return [*events, Event("Warning", "PrefectUnreachable", message)]
+        MANAGED_LIMITS.labels(name).set(len(plan.ledger))
+        await self._write_status(name, record, Outcome(generation, plan=plan))
+        return events
+
+    async def _apply(
+        self, server: PrefectLimits, plan: Plan, observed: dict[str, ObservedLimit]
+    ) -> list[Event]:
+        events: list[Event] = []
+        for limit in plan.create:
+            await server.create(limit.name, limit.limit, limit.slot_decay_per_second)
+            observed[limit.name] = ObservedLimit(
+                limit.name, limit.limit, True, limit.slot_decay_per_second
+            )
+            events.append(
+                Event(
+                    "Normal",
+                    "LimitCreated",
+                    f"{limit.name}: limit {limit.limit} for node {limit.node}",
+                )
+            )
+        for limit in plan.update:
+            before = observed.get(limit.name)
+            await server.update(limit.name, limit.limit, limit.slot_decay_per_second)
+            observed[limit.name] = ObservedLimit(
+                limit.name,
+                limit.limit,
+                before.active if before else True,
+                limit.slot_decay_per_second,
+            )
+            was = before.limit if before else "?"
+            events.append(
+                Event("Normal", "LimitUpdated", f"{limit.name}: limit {was} -> {limit.limit}")
+            )
+        for limit_name in plan.delete:
+            await server.delete(limit_name)
+            observed.pop(limit_name, None)
+            events.append(Event("Normal", "LimitDeleted", f"{limit_name}: node gone or deselected"))
+        return events
+
+    async def _write_status(
+        self, name: str, record: PolicyRecord, outcome: Outcome, *, ledger_only: bool = False
+    ) -> None:
+        if ledger_only:
+            status = {"limits": [entry.model_dump(by_alias=True) for entry in record.ledger]}
+        else:
+            status = build_status(outcome, record.status, _now())
+        merged = {**record.status, **status}
+        if merged == record.status:
+            return  # nothing new: no write, no watch event, no loop
+        await self.kube.patch_policy_status(name, status)
+        record.status = merged

@@ -1,0 +1,208 @@
+"""Run the real operator as a subprocess against the test control plane, and read what it did."""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefect_gpu_operator.crd import GROUP, PLURAL, VERSION
+from prefect_gpu_operator.sandbox.processes import ServerProcess, free_port, wait_until
+from tests.support.waiting import eventually
+
+__all__ = ["OperatorProcess", "Policies", "PrefectLimitsReader"]
+
+
+class OperatorProcess:
+    """``prefect-gpu-operator run`` with its own health and metrics ports."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        *,
+        namespace: str = "prefect-gpu-operator",
+        resync_seconds: float = 2.0,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.health_port = free_port()
+        self.metrics_port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "PREFECT_GPU_OPERATOR_NAMESPACE": namespace,
+            "PREFECT_GPU_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
+            "PREFECT_GPU_OPERATOR_RETRY_MAX_SECONDS": "2",
+            "PREFECT_GPU_OPERATOR_HEALTH_ADDRESS": "127.0.0.1",
+            "PREFECT_GPU_OPERATOR_HEALTH_PORT": str(self.health_port),
+            "PREFECT_GPU_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            **(extra_env or {}),
+        }
+        self.process = ServerProcess(
+            "operator",
+            [sys.executable, "-m", "prefect_gpu_operator.cli", "run", "--verbose"],
+            log_path=log_path,
+            env=env,
+        )
+
+    def start(self) -> OperatorProcess:
+        self.process.start()
+        self.process.wait_ready(self.healthy, timeout=60)
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL, as a node failure or OOM would."""
+        self.process.stop(timeout=0)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def log(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include ``labels``."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
+            text = response.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total
+
+    def prefect_calls(self) -> float:
+        return self.metric("prefect_gpu_operator_prefect_api_calls_total")
+
+
+class Policies:
+    """Create, read and delete GPULimitPolicies; deletes what it created."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.created: list[str] = []
+
+    def create(self, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "GPULimitPolicy",
+            "metadata": {"name": name},
+            "spec": dict(spec),
+        }
+        created: dict[str, Any] = self.custom.create_cluster_custom_object(
+            GROUP, VERSION, PLURAL, body
+        )
+        self.created.append(name)
+        return created
+
+    def get(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        return found
+
+    def patch_spec(self, name: str, spec: Mapping[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": dict(spec)})
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def condition(self, name: str, kind: str) -> dict[str, Any]:
+        for condition in self.status(name).get("conditions") or []:
+            if condition["type"] == kind:
+                return dict(condition)
+        raise AssertionError(f"{name} has no {kind} condition yet")
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    def delete(self, name: str, *, wait: float = 30.0) -> None:
+        try:
+            self.custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        wait_until(lambda: not self.exists(name), timeout=wait, what=f"deletion of {name}")
+        if name in self.created:
+            self.created.remove(name)
+
+    def events(self, name: str) -> list[str]:
+        """Reasons of the Events on the policy, oldest first."""
+        found = self.core.list_event_for_all_namespaces(
+            field_selector=f"involvedObject.name={name},involvedObject.kind=GPULimitPolicy"
+        )
+        return [event.reason or "" for event in found.items]
+
+    def delete_all(self) -> None:
+        for name in list(self.created):
+            self.delete(name)
+
+
+class PrefectLimitsReader:
+    """Reads and edits global concurrency limits through Prefect's REST API, as a user would."""
+
+    def __init__(self, api_url: str) -> None:
+        self.http = httpx.Client(base_url=api_url, timeout=10)
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        offset = 0
+        while True:
+            page = self.http.post(
+                "/v2/concurrency_limits/filter", json={"limit": 200, "offset": offset}
+            )
+            page.raise_for_status()
+            for item in page.json():
+                found[item["name"]] = item
+            if len(page.json()) < 200:
+                return found
+            offset += 200
+
+    def limits(self, prefix: str = "") -> dict[str, int]:
+        return {name: item["limit"] for name, item in self.all().items() if name.startswith(prefix)}
+
+    def create(self, name: str, limit: int) -> None:
+        self.http.post(
+            "/v2/concurrency_limits/", json={"name": name, "limit": limit}
+        ).raise_for_status()
+
+    def set_limit(self, name: str, limit: int) -> None:
+        self.http.patch(f"/v2/concurrency_limits/{name}", json={"limit": limit}).raise_for_status()
+
+    def delete(self, name: str) -> None:
+        response = self.http.delete(f"/v2/concurrency_limits/{name}")
+        if response.status_code != 404:
+            response.raise_for_status()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def expect_limits(
+    reader: PrefectLimitsReader, prefix: str, expected: dict[str, int], timeout: float = 10.0
+) -> None:
+    def check() -> None:
+        assert reader.limits(prefix) == expected
+
+    eventually(check, timeout=timeout)
