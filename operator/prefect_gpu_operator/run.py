@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import kopf
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from prefect_gpu_operator.settings import OperatorSettings
 
@@ -23,6 +24,7 @@ def run_operator(settings: OperatorSettings, *, verbose: bool = False) -> None:
     """Watch every namespace; peer with other replicas when ``settings.peering`` is set."""
     kopf.configure(verbose=verbose, log_format=_LOG_FORMATS[settings.log_format])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect request is noise
+    import prefect_gpu_operator.admission  # registers the webhook
     import prefect_gpu_operator.handlers  # noqa: F401  (registers the handlers)
 
     liveness = (
@@ -30,14 +32,18 @@ def run_operator(settings: OperatorSettings, *, verbose: bool = False) -> None:
         if settings.health_port
         else None
     )
-    asyncio.run(
-        kopf.operator(
-            clusterwide=True,
-            standalone=settings.peering is None,
-            peering_name=settings.peering,
-            liveness_endpoint=liveness,
+    # Prefect's client retries a failed request 5 times with 2-32 s pauses (a minute in all)
+    # before it reports anything; the operator has its own backoff and must say "unreachable"
+    # in status within seconds, so the client only absorbs brief 503s.
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 2}):
+        asyncio.run(
+            kopf.operator(
+                clusterwide=True,
+                standalone=settings.peering is None,
+                peering_name=settings.peering,
+                liveness_endpoint=liveness,
+            )
         )
-    )
 
 
 def _run(args: argparse.Namespace) -> int:

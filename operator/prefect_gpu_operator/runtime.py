@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import time
@@ -33,6 +34,8 @@ from prefect_gpu_operator.policy import GPULimitPolicySpec, LimitEntry, PrefectS
 from prefect_gpu_operator.prefect_api import PrefectLimits, PrefectUnreachable
 from prefect_gpu_operator.settings import OperatorSettings
 from prefect_gpu_operator.status import Outcome, build_status
+from prefect_gpu_operator.webhook import Injection
+from prefect_gpu_operator.workers import WorkerPods, no_limit_message
 
 __all__ = ["Event", "Operator", "PolicyRecord"]
 
@@ -84,6 +87,7 @@ class Operator:
         self.policies: dict[str, PolicyRecord] = {}
         self._servers: dict[tuple[str, str | None], PrefectLimits] = {}
         self._observed: dict[str, dict[str, ObservedLimit]] = {}
+        self.workers = WorkerPods(Injection.from_settings(settings))
 
     # --- what the watches tell us ------------------------------------------------------------
 
@@ -125,6 +129,24 @@ class Operator:
             record.policy, record.spec_error = policy, spec_error
             self.wake_all()
         return record
+
+    def observe_pod(self, body: Mapping[str, Any], deleted: bool = False) -> str | None:
+        """Record a Prefect pod; return a warning for it when it first lands on a node without a
+        limit. Policies' ``workers`` status follows the set of nodes running Prefect pods."""
+        if self.workers.observe(body, deleted):
+            self.wake_all()
+        node = None if deleted else self.workers.first_sighting(body)
+        if node is None or self.node_has_limit(node):
+            return None
+        return no_limit_message(node)
+
+    def node_has_limit(self, node: str) -> bool:
+        policies = [r.policy for r in self.policies.values() if r.policy is not None]
+        try:
+            desired = desired_limits(policies, self.nodes.values())
+        except LimitNameError:
+            return False  # such a policy creates no limit at all
+        return any(limit.node == node for d in desired.values() for limit in d.limits.values())
 
     def forget_policy(self, name: str) -> None:
         if self.policies.pop(name, None) is not None:
@@ -207,6 +229,8 @@ class Operator:
             )
             return [Event("Warning", "InvalidSpec", record.spec_error or "invalid spec")]
         spec = policy.spec
+        if deleting and not record.ledger:
+            return []  # owns nothing: no need to reach Prefect (or its Secret) to let it go
         events: list[Event] = []
         plan: Plan | None = None
         try:
@@ -282,6 +306,7 @@ class Operator:
     async def _write_status(
         self, name: str, record: PolicyRecord, outcome: Outcome, *, ledger_only: bool = False
     ) -> None:
+        outcome = dataclasses.replace(outcome, workers=self.workers.nodes())
         if ledger_only:
             status = {"limits": [entry.model_dump(by_alias=True) for entry in record.ledger]}
         else:
