@@ -1,25 +1,35 @@
-"""``prefect-gpu-operator demo``: the main job on embedded defaults, end to end, on loopback."""
+"""``prefect-gpu-operator demo``: the main job on embedded defaults, end to end, on loopback.
+
+A local kube-apiserver + etcd and Prefect server, simulated GPU nodes, the CRD and a default
+policy, the operator itself; then it prints the limits the operator made and changes a node's GPUs
+to show the limit follow. Every process it starts is stopped on exit, Ctrl-C included.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
+import httpx
 from kubernetes import client, config
-from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from prefect_gpu_operator.crd import GROUP, PLURAL, VERSION, build_crd
 from prefect_gpu_operator.sandbox.controlplane import ControlPlane
 from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
+from prefect_gpu_operator.sandbox.processes import ServerProcess, free_port, wait_until
 
 __all__ = ["add_demo_command", "run_demo"]
 
-SIMULATED_NODES = {"gpu-node-1": 4, "gpu-node-2": 2}
+SIMULATED_NODES = {"gpu-node-1": 4, "gpu-node-2": 2, "cpu-node-1": None}
+OPERATOR_NAMESPACE = "prefect-gpu-operator"
 
 
 def _step(message: str) -> None:
@@ -44,9 +54,48 @@ def _servers(directory: Path) -> Iterator[tuple[ControlPlane, PrefectServer]]:
         plane.stop()
 
 
-def _simulated_node(name: str, gpus: int) -> client.V1Node:
+@contextmanager
+def _operator(kubeconfig: Path, directory: Path) -> Iterator[None]:
+    health = free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "PREFECT_GPU_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE,
+        "PREFECT_GPU_OPERATOR_HEALTH_ADDRESS": "127.0.0.1",
+        "PREFECT_GPU_OPERATOR_HEALTH_PORT": str(health),
+        "PREFECT_GPU_OPERATOR_METRICS_PORT": str(free_port()),
+        "PREFECT_GPU_OPERATOR_RESYNC_SECONDS": "10",
+    }
+    operator = ServerProcess(
+        "operator",
+        [sys.executable, "-m", "prefect_gpu_operator.cli", "run"],
+        log_path=directory / "operator.log",
+        env=env,
+    )
+    _step("starting the operator (prefect-gpu-operator run)")
+    operator.start()
+    try:
+        operator.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"), timeout=60)
+        _step(f"operator running; its log is {operator.log_path}")
+        yield
+    finally:
+        _step("stopping the operator")
+        operator.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _simulated_node(name: str, gpus: int | None) -> client.V1Node:
     """A Node as a kubelet would register it; no kubelet runs, so nothing is scheduled on it."""
-    quantities = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    quantities = {"cpu": "8", "memory": "32Gi", "pods": "110"}
+    if gpus is not None:
+        quantities["nvidia.com/gpu"] = str(gpus)
     return client.V1Node(
         metadata=client.V1ObjectMeta(name=name, labels={"kubernetes.io/hostname": name}),
         spec=client.V1NodeSpec(
@@ -56,41 +105,122 @@ def _simulated_node(name: str, gpus: int) -> client.V1Node:
     )
 
 
-def _gpus(node: client.V1Node) -> str:
-    allocatable = (node.status.allocatable if node.status else None) or {}
-    return allocatable.get("nvidia.com/gpu", "0")
+def _install_crd(api: client.ApiClient) -> None:
+    extensions = client.ApiextensionsV1Api(api)
+    # The client serializes a plain dict as it is; the generated CRD is one.
+    extensions.create_custom_resource_definition(build_crd())  # type: ignore[arg-type]
+
+    def established() -> bool:
+        crd = extensions.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+        conditions = (crd.status.conditions if crd.status else None) or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+    wait_until(established, timeout=30, what="the GPULimitPolicy CRD")
+    _step(f"installed CRD {PLURAL}.{GROUP} (kubectl get glp)")
 
 
-async def _prefect_summary() -> str:
-    async with get_client() as prefect:
-        health = await prefect.api_healthcheck()
-        version = await prefect.api_version()
-        limits = await prefect.read_global_concurrency_limits(limit=200)
-    state = "healthy" if health is None else f"unhealthy: {health}"
-    return f"Prefect API {version} {state}; {len(limits)} global concurrency limits"
+def _limits(http: httpx.Client) -> dict[str, dict[str, Any]]:
+    response = http.post("/v2/concurrency_limits/filter", json={"limit": 200, "offset": 0})
+    response.raise_for_status()
+    return {item["name"]: item for item in response.json()}
+
+
+def _print_limits(http: httpx.Client) -> None:
+    rows = sorted(_limits(http).values(), key=lambda item: item["name"])
+    print(f"    {'NAME':<20}{'LIMIT':>6}{'ACTIVE SLOTS':>14}{'ACTIVE':>8}   (prefect gcl ls)")
+    for item in rows:
+        print(
+            f"    {item['name']:<20}{item['limit']:>6}{item['active_slots']:>14}"
+            f"{item['active']!s:>8}"
+        )
+
+
+def _policy_status(custom: client.CustomObjectsApi) -> dict[str, Any]:
+    policy = cast(
+        dict[str, Any], custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, "default")
+    )
+    return dict(policy.get("status") or {})
+
+
+def _print_policy(custom: client.CustomObjectsApi) -> None:
+    status = _policy_status(custom)
+    ready: dict[str, Any] = next(
+        (c for c in status.get("conditions", []) if c["type"] == "Ready"), {}
+    )
+    print(f"    {'NAME':<10}{'NODES':>6}{'SLOTS':>6}  READY   (kubectl get glp)")
+    print(
+        f"    {'default':<10}{status.get('nodes', 0):>6}{status.get('totalSlots', 0):>6}  "
+        f"{ready.get('status', '?')}   {ready.get('message', '')}"
+    )
+
+
+def _wait_for_limits(http: httpx.Client, expected: dict[str, int], timeout: float) -> float:
+    started = time.perf_counter()
+
+    def matches() -> bool:
+        return {n: i["limit"] for n, i in _limits(http).items() if n.startswith("gpu:")} == expected
+
+    wait_until(matches, timeout=timeout, what=f"limits {expected}", interval=0.01)
+    return time.perf_counter() - started
 
 
 def run_demo(directory: Path) -> None:
     with _servers(directory) as (plane, prefect):
         api = config.new_client_from_config(config_file=str(plane.kubeconfig))  # type: ignore[no-untyped-call]
         core = client.CoreV1Api(api)
+        custom = client.CustomObjectsApi(api)
+        http = httpx.Client(base_url=prefect.api_url, timeout=10)
+        _install_crd(api)
+        core.create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NAMESPACE))
+        )
         for name, gpus in SIMULATED_NODES.items():
             core.create_node(_simulated_node(name, gpus))
-            _step(f"created simulated node {name} with nvidia.com/gpu={gpus}")
-        for node in core.list_node().items:
-            name = (node.metadata.name if node.metadata else None) or "?"
-            _step(f"kubectl get node {name}: allocatable nvidia.com/gpu={_gpus(node)}")
-        with temporary_settings(updates={PREFECT_API_URL: prefect.api_url}):
-            _step(asyncio.run(_prefect_summary()))
+            _step(f"created simulated node {name} with nvidia.com/gpu={gpus or 'none'}")
+        with _operator(plane.kubeconfig, directory):
+            policy = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "GPULimitPolicy",
+                "metadata": {"name": "default"},
+                "spec": {"server": {"remoteApiUrl": prefect.api_url}},
+            }
+            custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, policy)
+            _step("applied GPULimitPolicy 'default' (every node, nvidia.com/gpu, 1 slot per GPU)")
+            took = _wait_for_limits(http, {"gpu:gpu-node-1": 4, "gpu:gpu-node-2": 2}, 60)
+            _step(f"the operator created one limit per GPU node in {took:.2f} s:")
+            _print_limits(http)
+
+            body = {"status": {"allocatable": {"nvidia.com/gpu": "2"}}}
+            core.patch_node_status("gpu-node-1", body)
+            _step("gpu-node-1 lost two GPUs (allocatable nvidia.com/gpu 4 -> 2)")
+            took = _wait_for_limits(http, {"gpu:gpu-node-1": 2, "gpu:gpu-node-2": 2}, 30)
+            _step(f"the limit followed in {took * 1000:.0f} ms:")
+            _print_limits(http)
+
+            core.delete_node("gpu-node-2")
+            _step("gpu-node-2 left the cluster")
+            took = _wait_for_limits(http, {"gpu:gpu-node-1": 2}, 30)
+            _step(f"its limit was removed in {took * 1000:.0f} ms (deletionPolicy: Delete)")
+            wait_until(
+                lambda: _policy_status(custom).get("nodes") == 1,
+                timeout=30,
+                what="the policy status",
+            )
+            _print_policy(custom)
+        http.close()
         api.close()
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.dir is not None:
-        run_demo(args.dir)
-        return 0
-    with tempfile.TemporaryDirectory(prefix="prefect-gpu-demo-") as directory:
-        run_demo(Path(directory))
+    try:
+        if args.dir is not None:
+            run_demo(args.dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="prefect-gpu-demo-") as directory:
+                run_demo(Path(directory))
+    except KeyboardInterrupt:
+        _step("interrupted; everything the demo started has been stopped")
+        return 130
     return 0
 
 
