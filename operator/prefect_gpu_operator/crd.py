@@ -35,6 +35,7 @@ from prefect_gpu_operator.policy import (
     PrefectServerReference,
     SecretKeySelector,
     SecretValueSource,
+    WorkerNode,
 )
 
 __all__ = [
@@ -248,6 +249,11 @@ def _status_schema() -> Schema:
         },
         required=["name", "node", "limit"],
     )
+    worker = _object(
+        WorkerNode,
+        {"node": _string(minLength=1), "limit": _string(minLength=1)},
+        required=["node"],
+    )
     return _object(
         GPULimitPolicyStatus,
         {
@@ -265,6 +271,12 @@ def _status_schema() -> Schema:
                 "items": entry,
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["name"],
+            },
+            "workers": {
+                "type": "array",
+                "items": worker,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["node"],
             },
         },
     )

@@ -1,8 +1,8 @@
 """kopf wiring: short handlers that feed the runtime and run one reconcile loop per policy.
 
-Nodes are only watched (``on.event`` writes nothing to the object), so the operator needs no
-write access to Nodes and never annotates them. Policies carry the finalizer and kopf's progress
-annotations under the ``prefectgpu.io`` prefix.
+Nodes and Pods are only watched (``on.event`` writes nothing to the object), so the operator
+needs no write access to them and never annotates them. Policies carry the finalizer and kopf's
+progress annotations under the ``prefectgpu.io`` prefix.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
     settings.batching.batch_window = 0.01  # react to a node change in milliseconds, not 100 ms
     settings.watching.server_timeout = 300
+    settings.peering.lifetime = config.peering_lifetime_seconds
+    settings.peering.priority = (
+        config.peering_priority
+        if config.peering_priority is not None
+        else random.randint(1, 2**31 - 1)  # equal priorities would pause every replica
+    )
     operator = Operator(config, Kube())
     # Seed the node view before any policy reconciles, so a restart never sees "no nodes" and
     # deletes limits that are still needed.
@@ -54,12 +60,26 @@ async def stop(memo: Any, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     _operator(memo).observe_node(body, deleted=type == "DELETED")
 
 
+@kopf.index(*POLICIES)
+async def policies_seen(body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Observe policies before anything else: kopf runs no handler until indexed resources are
+    listed, so the first worker-pod check at start-up already knows every policy."""
+    _operator(memo).observe_policy(body)
+
+
+@kopf.on.event("", "v1", "pods")
+async def pod_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    warning = _operator(memo).observe_pod(body, deleted=type == "DELETED")
+    if warning:
+        kopf.warn(body, reason="NoGPULimit", message=warning)
+
+
 @kopf.on.event(*POLICIES)
-def policy_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def policy_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type == "DELETED":
         _operator(memo).forget_policy(body["metadata"]["name"])
     else:

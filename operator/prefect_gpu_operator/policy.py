@@ -29,6 +29,7 @@ __all__ = [
     "PrefectServerReference",
     "SecretKeySelector",
     "SecretValueSource",
+    "WorkerNode",
     "is_valid_limit_name",
 ]
 
@@ -270,6 +271,19 @@ class LimitEntry(_KubeModel):
     limit: int = Field(ge=0, description="The limit last written to Prefect.")
 
 
+class WorkerNode(_KubeModel):
+    """A node that runs Prefect pods (pods given WORKER_ID)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    node: str = Field(min_length=1, description="The node running Prefect worker or flow-run pods.")
+    limit: str | None = Field(
+        default=None,
+        description="This policy's limit for the node. Absent when the policy keeps none: GPU "
+        "tasks on the node then fail unless another policy keeps its limit.",
+    )
+
+
 class GPULimitPolicyStatus(_KubeModel):
     # Status is written by the operator (and kopf may add its own keys): read it leniently.
     model_config = ConfigDict(extra="ignore")
@@ -286,6 +300,11 @@ class GPULimitPolicyStatus(_KubeModel):
         default=(),
         description="The ledger: the global concurrency limits this policy owns. The operator "
         "changes or deletes only limits listed here.",
+    )
+    workers: tuple[WorkerNode, ...] = Field(
+        default=(),
+        description="Nodes where scheduled Prefect pods carry WORKER_ID, each with this policy's "
+        "limit for it, if any.",
     )
 
 

@@ -7,9 +7,10 @@ here, so Prefect's own ``PREFECT_API_*`` variables are not used by the operator.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["OperatorSettings"]
@@ -51,6 +52,69 @@ class OperatorSettings(BaseSettings):
         description="kopf peering object name for running several replicas with one active; "
         "unset runs standalone.",
     )
+    peering_lifetime_seconds: int = Field(
+        default=15,
+        ge=5,
+        description="With peering: seconds after which a replica that stopped announcing itself "
+        "(killed, partitioned) is considered gone, so a standby takes over.",
+    )
+    peering_priority: int | None = Field(
+        default=None,
+        description="With peering: this replica's priority (the highest one is active). Unset "
+        "draws a random one, since replicas of equal priority would all pause.",
+    )
     log_format: Literal["plain", "full", "json"] = Field(
         default="plain", description="Log format: plain, full or json (structured)."
     )
+    webhook_enabled: bool = Field(
+        default=False,
+        description="Serve the mutating admission webhook that injects WORKER_ID into Prefect "
+        "pods. Needs webhook_cert_file and webhook_key_file (the chart mounts a cert-manager "
+        "certificate); the chart owns the MutatingWebhookConfiguration.",
+    )
+    webhook_address: str = Field(
+        default="0.0.0.0", description="Address the webhook's HTTPS server listens on."
+    )
+    webhook_port: int = Field(
+        default=9443, ge=1, le=65535, description="Port of the webhook's HTTPS server."
+    )
+    webhook_host: str | None = Field(
+        default=None,
+        description="Host name in the webhook URL kopf reports; only used when kopf manages the "
+        "webhook configuration (never in production). Defaults to the address.",
+    )
+    webhook_cert_file: Path | None = Field(
+        default=None,
+        description="PEM serving certificate of the webhook (re-read when it changes on disk).",
+    )
+    webhook_key_file: Path | None = Field(
+        default=None, description="PEM private key of webhook_cert_file."
+    )
+    inject_pod_selectors: list[str] = Field(
+        default=[
+            "app.kubernetes.io/name=prefect-worker",
+            "app.kubernetes.io/component=worker",
+            "prefect.io/flow-run-id",
+        ],
+        description="Pods that get WORKER_ID: a pod matching any entry, either 'key=value' or "
+        "'key' (label present). The defaults select pods of the prefect-worker Helm chart and "
+        "flow-run pods of a Kubernetes work pool. The label prefectgpu.io/inject-worker-id "
+        "'true' or 'false' overrides them.",
+    )
+    inject_excluded_namespaces: list[str] = Field(
+        default=["kube-system"],
+        description="Namespaces whose pods are never changed, besides the operator's own.",
+    )
+    inject_extra_env: dict[str, str] = Field(
+        default={},
+        description="More variables injected like WORKER_ID, as name -> Downward API fieldPath "
+        '(e.g. {"POD_NAME": "metadata.name"}); a container that defines one keeps its own.',
+    )
+
+    @model_validator(mode="after")
+    def _webhook_has_certificate(self) -> OperatorSettings:
+        # kopf could self-sign, but not with Debian's OpenSSL (oscrypto fails to load it), and the
+        # apiserver must trust the certificate anyway: it comes from the chart (cert-manager).
+        if self.webhook_enabled and None in (self.webhook_cert_file, self.webhook_key_file):
+            raise ValueError("webhook_enabled needs webhook_cert_file and webhook_key_file")
+        return self

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect_gpu_operator.plan import Plan
+from prefect_gpu_operator.workers import worker_entries
 
 __all__ = ["Outcome", "build_status", "condition"]
 
@@ -19,6 +20,7 @@ class Outcome:
     plan: Plan | None = None
     prefect_error: str | None = None
     spec_error: str | None = None
+    workers: frozenset[str] = frozenset()  # nodes running Prefect pods (WORKER_ID)
 
 
 def condition(
@@ -104,4 +106,7 @@ def build_status(outcome: Outcome, previous: Mapping[str, Any], now: str) -> dic
         status["nodes"] = len(ledger)
         status["totalSlots"] = sum(entry.limit for entry in ledger)
     status["conditions"] = [ready, reachable, conflict]
+    status["workers"] = worker_entries(
+        outcome.workers, status.get("limits", previous.get("limits") or [])
+    )
     return status

@@ -1,0 +1,358 @@
+"""The Helm chart and manifests/ on the real API server: lint, schema, install, RBAC, PSS."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from prefect_gpu_operator.sandbox.controlplane import ControlPlane
+from prefect_gpu_operator.sandbox.tools import tools_bin
+from tests.support.nodes import NodeFactory
+from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "prefect-gpu-operator"
+RELEASE = "prefect-gpu-operator"
+NAMESPACE = "prefect-gpu-operator"
+SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:{RELEASE}"
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="module")
+def run(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Run kubectl or helm against the test cluster; never the user's ~/.kube or helm config."""
+    home = tmp_path_factory.mktemp("tool-home")
+    env = {
+        "HOME": str(home),
+        "KUBECONFIG": str(kubeconfig),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+        "PATH": "/usr/bin:/bin",
+    }
+
+    def execute(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(tools_bin() / tool), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{tool} {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result
+
+    return execute
+
+
+@pytest.fixture(scope="module")
+def installed(run: Run, crd: Path) -> Iterator[str]:
+    """The chart installed with defaults (plus the default policy) into the test cluster."""
+    run(
+        "helm",
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "defaultPolicy.enabled=true",
+        "--set",
+        "defaultPolicy.spec.nodeSelector.matchLabels.pool=chart-default",
+    )
+    yield RELEASE
+    run("helm", "uninstall", RELEASE, "--namespace", NAMESPACE, check=False)
+
+
+def _documents(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+_TLS_KEYS = ("ca.crt", "tls.crt", "tls.key")
+
+
+def _mask_minted_tls(doc: dict[str, Any]) -> dict[str, Any]:
+    """The self-signed webhook certificate is minted anew on every render: compare the rest."""
+    if doc.get("kind") == "Secret" and doc.get("type") == "kubernetes.io/tls":
+        doc["data"] = {key: "<minted>" for key in doc.get("data", {})}
+    for webhook in (
+        doc.get("webhooks", []) if doc.get("kind") == "MutatingWebhookConfiguration" else []
+    ):
+        webhook["clientConfig"]["caBundle"] = "<minted>"
+    return doc
+
+
+def test_helm_lint_is_clean(run: Run) -> None:
+    result = run("helm", "lint", "--strict", str(CHART))
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout
+    assert "[ERROR]" not in result.stdout
+
+
+def test_manifests_match_the_chart(run: Run, tmp_path: Path) -> None:
+    script = REPO / "charts" / "render-manifests.sh"
+    subprocess.run(
+        ["bash", str(script), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        env={"HELM": str(tools_bin() / "helm"), "PATH": "/usr/bin:/bin"},
+    )
+    committed = sorted((REPO / "manifests").glob("*.yaml"))
+    assert [p.name for p in committed] == sorted(p.name for p in tmp_path.glob("*.yaml"))
+    for path in committed:
+        fresh = [_mask_minted_tls(d) for d in _documents((tmp_path / path.name).read_text())]
+        ours = [_mask_minted_tls(d) for d in _documents(path.read_text())]
+        assert ours == fresh, (
+            f"manifests/{path.name} drifted from the chart: run charts/render-manifests.sh"
+        )
+    crds = _documents((REPO / "manifests" / "01-crds.yaml").read_text())
+    chart_crds = [
+        d for p in sorted((CHART / "crds").glob("*.yaml")) for d in _documents(p.read_text())
+    ]
+    assert crds == chart_crds
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "operator.replicas=two"], "at '/operator/replicas': got string, want integer"),
+        (["--set", "operator.typo=1"], "additional properties 'typo' not allowed"),
+        (["--set", "webhook.timeoutSeconds=30"], "at '/webhook/timeoutSeconds': maximum"),
+        (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
+        (["--set", "inferenceWorker.prefectApiUrl=ftp://x"], "at '/inferenceWorker/prefectApiUrl'"),
+    ],
+)
+def test_invalid_values_fail_install_with_the_schema_message(
+    run: Run, values: list[str], message: str
+) -> None:
+    result = run(
+        "helm",
+        "install",
+        "bad-values",
+        str(CHART),
+        "--namespace",
+        "bad-values",
+        "--create-namespace",
+        *values,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr
+
+
+def test_install_creates_the_objects(installed: str, run: Run) -> None:
+    objects = run(
+        "kubectl",
+        "get",
+        "-n",
+        NAMESPACE,
+        "deployment,service,serviceaccount,role,rolebinding,secret,poddisruptionbudget",
+        "-o",
+        "name",
+    ).stdout.split()
+    for expected in (
+        f"deployment.apps/{RELEASE}",
+        f"service/{RELEASE}",
+        f"serviceaccount/{RELEASE}",
+        f"role.rbac.authorization.k8s.io/{RELEASE}",
+        f"secret/{RELEASE}-webhook-tls",
+        f"poddisruptionbudget.policy/{RELEASE}",
+    ):
+        assert expected in objects
+    cluster = run(
+        "kubectl",
+        "get",
+        "clusterrole,clusterrolebinding,mutatingwebhookconfiguration,"
+        "clusterkopfpeering,gpulimitpolicy",
+        "-o",
+        "name",
+    ).stdout.split()
+    assert f"mutatingwebhookconfiguration.admissionregistration.k8s.io/{RELEASE}" in cluster
+    assert "gpulimitpolicy.prefectgpu.io/default" in cluster
+    webhook = json.loads(
+        run("kubectl", "get", "mutatingwebhookconfiguration", RELEASE, "-o", "json").stdout
+    )
+    for entry in webhook["webhooks"]:
+        assert entry["clientConfig"]["service"]["path"] == "/inject-worker-id"
+        assert entry["failurePolicy"] == "Ignore"
+        assert entry["timeoutSeconds"] <= 5
+        assert entry["sideEffects"] == "None"
+        excluded = entry["namespaceSelector"]["matchExpressions"][0]["values"]
+        assert {"kube-system", NAMESPACE} <= set(excluded)
+        ca = base64.b64decode(entry["clientConfig"]["caBundle"]).decode()
+        assert ca.startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_webhook_certificate_survives_upgrades(installed: str, run: Run) -> None:
+    def ca() -> str:
+        secret = json.loads(
+            run(
+                "kubectl", "get", "secret", "-n", NAMESPACE, f"{RELEASE}-webhook-tls", "-o", "json"
+            ).stdout
+        )
+        return str(secret["data"]["ca.crt"])
+
+    before = ca()
+    run("helm", "upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, "--reuse-values")
+    assert ca() == before
+
+
+def test_manifests_pass_server_side_dry_run(installed: str, run: Run) -> None:
+    result = run("kubectl", "apply", "--dry-run=server", "-f", str(REPO / "manifests"))
+    assert "(server dry run)" in result.stdout
+
+
+def _pod_templates(run: Run) -> list[tuple[str, dict[str, Any]]]:
+    rendered = run(
+        "helm",
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        "v1.37.1",
+        "--set",
+        "inferenceWorker.enabled=true",
+    ).stdout
+    return [
+        (doc["metadata"]["name"], doc["spec"]["template"])
+        for doc in _documents(rendered)
+        if doc["kind"] == "Deployment"
+    ]
+
+
+def test_every_pod_passes_the_restricted_pod_security_standard(
+    run: Run, core_v1: client.CoreV1Api
+) -> None:
+    namespace = "pss-restricted"
+    core_v1.create_namespace(
+        client.V1Namespace(
+            metadata=client.V1ObjectMeta(
+                name=namespace, labels={"pod-security.kubernetes.io/enforce": "restricted"}
+            )
+        )
+    )
+    try:
+        templates = _pod_templates(run)
+        assert len(templates) == 2  # the operator and the inference worker
+        for name, template in templates:
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, **template["metadata"]},
+                "spec": template["spec"],
+            }
+            pod["spec"].pop("serviceAccountName", None)
+            # Admission enforces the standard on creation; a violation is a 403 naming it.
+            core_v1.create_namespaced_pod(namespace, pod, dry_run="All")
+    finally:
+        core_v1.delete_namespace(namespace)
+
+
+def _can_i(run: Run, *args: str, namespace: str = NAMESPACE) -> bool:
+    result = run(
+        "kubectl", "auth", "can-i", *args, "--as", SERVICE_ACCOUNT, "-n", namespace, check=False
+    )
+    return result.stdout.strip() == "yes"
+
+
+def test_rbac_is_least_privilege(installed: str, run: Run) -> None:
+    assert _can_i(run, "watch", "nodes")
+    assert not _can_i(run, "patch", "nodes")
+    assert not _can_i(run, "update", "nodes")
+    assert not _can_i(run, "delete", "nodes")
+    assert not _can_i(run, "patch", "nodes/status")
+    assert _can_i(run, "get", "secrets")
+    assert not _can_i(run, "get", "secrets", namespace="default")
+    assert not _can_i(run, "list", "secrets")
+    assert not _can_i(run, "create", "pods")
+    assert not _can_i(run, "patch", "pods")
+    assert not _can_i(run, "patch", "mutatingwebhookconfigurations")
+    assert not _can_i(run, "create", "validatingwebhookconfigurations")
+    assert _can_i(run, "patch", "gpulimitpolicies/status")
+
+
+def _service_account_kubeconfig(run: Run, control_plane: ControlPlane, path: Path) -> Path:
+    token = run(
+        "kubectl", "create", "token", RELEASE, "-n", NAMESPACE, "--duration=1h"
+    ).stdout.strip()
+    ca = (control_plane.pki / "serving-ca.crt").read_bytes()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "c",
+                "cluster": {
+                    "server": control_plane.url,
+                    "certificate-authority-data": base64.b64encode(ca).decode(),
+                },
+            }
+        ],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
+        "current-context": "c",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_operator_runs_with_the_charts_service_account(
+    installed: str,
+    run: Run,
+    control_plane: ControlPlane,
+    kube_api: client.ApiClient,
+    gpu_nodes: NodeFactory,
+    prefect_api_url: str,
+    tmp_path: Path,
+) -> None:
+    kubeconfig = _service_account_kubeconfig(run, control_plane, tmp_path / "sa-kubeconfig")
+    operator = OperatorProcess(
+        kubeconfig,
+        tmp_path / "operator.log",
+        namespace=NAMESPACE,
+        extra_env={"PREFECT_GPU_OPERATOR_PEERING": RELEASE},
+    ).start()
+    policies = Policies(kube_api)
+    reader = PrefectLimitsReader(prefect_api_url)
+    try:
+        gpu_nodes.create("rbac-a", 4, labels={"pool": "rbac"})
+        policies.create(
+            "rbac",
+            {
+                "server": {"remoteApiUrl": prefect_api_url},
+                "nodeSelector": {"matchLabels": {"pool": "rbac"}},
+            },
+        )
+        expect_limits(reader, "gpu:rbac-", {"gpu:rbac-a": 4}, timeout=30)
+        gpu_nodes.set_gpus("rbac-a", 2)
+        expect_limits(reader, "gpu:rbac-", {"gpu:rbac-a": 2})
+        policies.delete_all()
+        assert reader.limits("gpu:rbac-") == {}
+        # The chart's default policy (its server is unreachable here) owns nothing, so the
+        # operator lets it go at once: no finalizer is left behind for `helm uninstall`.
+        policies.delete("default")
+        forbidden = [
+            line for line in operator.log().splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)
+        ]
+        assert forbidden == []
+    finally:
+        policies.delete_all()
+        operator.stop()
+        reader.close()

@@ -1,0 +1,118 @@
+"""Two replicas with kopf peering: one reconciles; kill it and the other takes over."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from prefect_gpu_operator.sandbox.tools import tools_bin
+from tests.support.nodes import NodeFactory
+from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PEERING = "ha-test"
+LIFETIME = 5  # seconds a silent replica stays "alive" in the peering object
+
+
+@pytest.fixture
+def peering(kubeconfig: Path, crd: Path) -> str:
+    kubectl = [str(tools_bin() / "kubectl"), f"--kubeconfig={kubeconfig}"]
+    crds = REPO / "charts" / "prefect-gpu-operator" / "crds" / "kopf-peering.yaml"
+    subprocess.run([*kubectl, "apply", "-f", str(crds)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *kubectl,
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/clusterkopfpeerings.kopf.dev",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*kubectl, "apply", "-f", "-"],
+        input=f"apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata:\n  name: {PEERING}\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    return PEERING
+
+
+def _reconciles(operator: OperatorProcess) -> float:
+    return operator.metric("prefect_gpu_operator_reconciles_total")
+
+
+def test_one_replica_reconciles_and_the_other_takes_over(
+    peering: str,
+    kubeconfig: Path,
+    operator_namespace: str,
+    policies: Policies,
+    gpu_nodes: NodeFactory,
+    prefect_api_url: str,
+    tmp_path: Path,
+) -> None:
+    env = {
+        "PREFECT_GPU_OPERATOR_PEERING": peering,
+        "PREFECT_GPU_OPERATOR_PEERING_LIFETIME_SECONDS": str(LIFETIME),
+    }
+    replicas = [
+        OperatorProcess(
+            kubeconfig,
+            tmp_path / "first.log",
+            extra_env={**env, "PREFECT_GPU_OPERATOR_PEERING_PRIORITY": "200"},
+        ),
+        OperatorProcess(
+            kubeconfig,
+            tmp_path / "second.log",
+            extra_env={**env, "PREFECT_GPU_OPERATOR_PEERING_PRIORITY": "100"},
+        ),
+    ]
+    reader = PrefectLimitsReader(prefect_api_url)
+    try:
+        for replica in replicas:
+            replica.start()
+        active, standby = replicas
+        gpu_nodes.create("ha-a", 4, labels={"pool": "ha"})
+        policies.create(
+            "ha",
+            {
+                "server": {"remoteApiUrl": prefect_api_url},
+                "nodeSelector": {"matchLabels": {"pool": "ha"}},
+            },
+        )
+        expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 4}, timeout=30)
+        gpu_nodes.set_gpus("ha-a", 3)
+        expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 3})
+        assert _reconciles(active) > 0
+        assert _reconciles(standby) == 0  # paused: the higher priority replica does the work
+
+        active.kill()
+        killed = time.monotonic()
+        gpu_nodes.set_gpus("ha-a", 2)
+        gpu_nodes.create("ha-b", 8, labels={"pool": "ha"})
+        expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 2, "gpu:ha-b": 8}, timeout=LIFETIME + 30)
+        takeover = time.monotonic() - killed
+        assert _reconciles(standby) > 0
+        # The standby resumes once the killed replica's record expires (lifetime), then converges.
+        assert takeover < LIFETIME + 20, f"takeover took {takeover:.1f} s"
+        print(f"\ntakeover after SIGKILL: {takeover:.1f} s (peering lifetime {LIFETIME} s)")
+        eventually(lambda: _nodes(policies, 2), timeout=10)
+        policies.delete_all()  # the standby, now active, releases the limits
+        assert reader.limits("gpu:ha-") == {}
+    finally:
+        policies.delete_all()
+        for replica in replicas:
+            replica.stop()
+        reader.close()
+
+
+def _nodes(policies: Policies, expected: int) -> None:
+    assert policies.status("ha").get("nodes") == expected

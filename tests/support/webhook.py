@@ -1,0 +1,170 @@
+"""The WORKER_ID webhook against a real kube-apiserver: certificates, the operator's environment,
+the MutatingWebhookConfiguration the chart will render, and pods created through the API."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from prefect_gpu_operator.sandbox.pki import CertificateAuthority
+from prefect_gpu_operator.sandbox.processes import free_port
+from prefect_gpu_operator.webhook import OPT_LABEL, WEBHOOK_PATH
+
+__all__ = ["WORKER_ID_VAR", "Pods", "WebhookEndpoint", "worker_ids"]
+
+WORKER_ID_VAR = {
+    "name": "WORKER_ID",
+    "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
+}
+
+
+class WebhookEndpoint:
+    """A serving certificate for 127.0.0.1, a free port, and the MWC that points at them."""
+
+    def __init__(self, directory: Path, name: str = "prefect-gpu-operator-test") -> None:
+        self.name = name
+        self.port = free_port()
+        ca = CertificateAuthority("prefect-gpu-operator-webhook-ca")
+        self.ca_pem = ca.cert_pem
+        self.cert_file = directory / "webhook.crt"
+        self.key_file = directory / "webhook.key"
+        ca.issue_server("127.0.0.1", ["127.0.0.1"]).write(self.cert_file, self.key_file)
+
+    def operator_env(self) -> dict[str, str]:
+        return {
+            "PREFECT_GPU_OPERATOR_WEBHOOK_ENABLED": "true",
+            "PREFECT_GPU_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
+            "PREFECT_GPU_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
+            "PREFECT_GPU_OPERATOR_WEBHOOK_PORT": str(self.port),
+            "PREFECT_GPU_OPERATOR_WEBHOOK_CERT_FILE": str(self.cert_file),
+            "PREFECT_GPU_OPERATOR_WEBHOOK_KEY_FILE": str(self.key_file),
+        }
+
+    def serving(self) -> bool:
+        """True once the operator answers TLS handshakes with the certificate the CA signed."""
+        context = ssl.create_default_context(cadata=self.ca_pem.decode())
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1"),
+            ):
+                return True
+        except OSError:
+            return False
+
+    def configuration(self, excluded_namespaces: Sequence[str]) -> dict[str, Any]:
+        """Shaped like the chart's MWC, but with a URL instead of a Service."""
+        return {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": self.name},
+            "webhooks": [
+                {
+                    "name": "inject-worker-id.prefectgpu.io",
+                    "clientConfig": {
+                        "url": f"https://127.0.0.1:{self.port}{WEBHOOK_PATH}",
+                        "caBundle": base64.b64encode(self.ca_pem).decode(),
+                    },
+                    "rules": [
+                        {
+                            "apiGroups": [""],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE"],
+                            "resources": ["pods"],
+                            "scope": "Namespaced",
+                        }
+                    ],
+                    "failurePolicy": "Ignore",
+                    "matchPolicy": "Equivalent",
+                    "sideEffects": "None",
+                    "timeoutSeconds": 5,
+                    "admissionReviewVersions": ["v1"],
+                    "reinvocationPolicy": "Never",
+                    "namespaceSelector": {
+                        "matchExpressions": [
+                            {
+                                "key": "kubernetes.io/metadata.name",
+                                "operator": "NotIn",
+                                "values": list(excluded_namespaces),
+                            }
+                        ]
+                    },
+                    "objectSelector": {
+                        "matchExpressions": [
+                            {"key": OPT_LABEL, "operator": "NotIn", "values": ["false"]}
+                        ]
+                    },
+                }
+            ],
+        }
+
+    def register(self, api: client.ApiClient, excluded_namespaces: Sequence[str]) -> None:
+        admission = client.AdmissionregistrationV1Api(api)
+        admission.create_mutating_webhook_configuration(self.configuration(excluded_namespaces))
+
+    def unregister(self, api: client.ApiClient) -> None:
+        try:
+            client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(self.name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+
+def worker_ids(pod: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each container's (init containers first) WORKER_ID definitions, by container name."""
+    spec = pod["spec"]
+    return {
+        container["name"]: [var for var in container.get("env") or [] if var["name"] == "WORKER_ID"]
+        for container in [*(spec.get("initContainers") or []), *spec["containers"]]
+    }
+
+
+class Pods:
+    """Creates pods through the API (as plain dicts) and deletes them at the end."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.created: list[tuple[str, str]] = []
+
+    def create(
+        self,
+        name: str,
+        labels: Mapping[str, str] | None = None,
+        *,
+        namespace: str = "default",
+        containers: Sequence[Mapping[str, Any]] = ({"name": "main", "image": "prefect"},),
+        init_containers: Sequence[Mapping[str, Any]] = (),
+        node: str | None = None,
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {"containers": [dict(c) for c in containers]}
+        if init_containers:
+            spec["initContainers"] = [dict(c) for c in init_containers]
+        if node:
+            spec["nodeName"] = node  # "scheduled": no scheduler runs here
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": dict(labels or {})},
+            "spec": spec,
+        }
+        created = self.core.create_namespaced_pod(namespace, body)
+        self.created.append((namespace, name))
+        pod: dict[str, Any] = self.api.sanitize_for_serialization(created)
+        return pod
+
+    def delete_all(self) -> None:
+        for namespace, name in self.created:
+            try:
+                self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+        self.created.clear()
