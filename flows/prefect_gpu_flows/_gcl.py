@@ -1,0 +1,139 @@
+"""The few Prefect global-concurrency-limit calls gpu_slot makes, on one client per process.
+
+One long-lived ``SyncPrefectClient`` per process keeps its HTTP connection open: a fresh client per
+acquire (what ``prefect.concurrency`` does) costs several requests and tens of milliseconds. Slots
+are taken one per lease (``slots=1``) so that each GPU slot's lease can be handed from holder to
+holder on the node without a server round trip.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+import time
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+
+from prefect_gpu_flows._locks import LeaseRecord
+
+__all__ = [
+    "LimitMissing",
+    "SlotRefused",
+    "acquire",
+    "client",
+    "read_limit",
+    "release",
+    "renew",
+]
+
+
+class LimitMissing(Exception):
+    """The named limit does not exist on the server."""
+
+
+class SlotRefused(Exception):
+    """The server has no slot for us now (423 full, or 422 limit below the request)."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+_lock = threading.Lock()
+_client: SyncPrefectClient | None = None
+_client_url: str | None = None
+
+
+def _close() -> None:
+    global _client
+    if _client is not None:
+        with contextlib.suppress(Exception):
+            _client.__exit__(None, None, None)
+        _client = None
+
+
+def _forget_in_child() -> None:
+    # A forked child must not share the parent's connection pool.
+    global _client
+    _client = None
+
+
+atexit.register(_close)
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def client() -> SyncPrefectClient:
+    """The process's client for the current PREFECT_API_URL, started on first use.
+
+    Leases are renewed and released through the client that acquired them (the keeper thread
+    does not see the caller's Prefect settings context).
+    """
+    global _client, _client_url
+    url = PREFECT_API_URL.value()
+    with _lock:
+        if _client is None or url != _client_url:
+            _close()
+            _client = get_client(sync_client=True).__enter__()
+            _client_url = url
+        return _client
+
+
+def read_limit(prefect: SyncPrefectClient, name: str) -> tuple[UUID, int]:
+    """The limit's id and current ``limit``; LimitMissing if there is no such limit."""
+    try:
+        found = prefect.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        raise LimitMissing(name) from None
+    return found.id, found.limit
+
+
+def acquire(prefect: SyncPrefectClient, name: str, lease_seconds: float) -> LeaseRecord:
+    """One slot of ``name`` under a new lease; SlotRefused or LimitMissing otherwise."""
+    expires = time.time() + lease_seconds  # taken before the call: errs on the early side
+    try:
+        response = prefect.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=lease_seconds
+        )
+    except httpx.HTTPStatusError as error:
+        status = error.response.status_code
+        if status == 423:
+            retry_after = float(error.response.headers.get("Retry-After", 1.0))
+            raise SlotRefused("the server says the limit is full", retry_after) from None
+        if status == 422:
+            raise SlotRefused("the server says the limit is below the request", 1.0) from None
+        raise
+    granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+    if not granted.limits:  # Prefect grants "nothing to limit" for a missing limit
+        release(prefect, granted.lease_id)
+        raise LimitMissing(name)
+    return LeaseRecord(granted.lease_id, granted.limits[0].id, expires)
+
+
+def renew(prefect: SyncPrefectClient, lease_id: UUID, lease_seconds: float) -> float | None:
+    """Extend a lease; its new expiry (epoch s), or None if the server no longer has it."""
+    expires = time.time() + lease_seconds
+    try:
+        prefect.renew_concurrency_lease(lease_id=lease_id, lease_duration=lease_seconds)
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code in (404, 410):
+            return None
+        raise
+    return expires
+
+
+def release(prefect: SyncPrefectClient, lease_id: UUID) -> None:
+    """Give a lease's slot back; an expired lease, or one on a deleted limit, is left alone."""
+    try:
+        prefect.release_concurrency_slots_with_lease(lease_id=lease_id)
+    except httpx.HTTPStatusError as error:
+        # 409: the limit was deleted under the lease, so there is no slot left to give back.
+        if error.response.status_code not in (404, 409, 410):
+            raise

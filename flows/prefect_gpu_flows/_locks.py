@@ -1,0 +1,146 @@
+"""Node-local ``flock`` files: the gate that queues claimers and one file per GPU slot.
+
+A slot file is locked by the process using that slot and records the Prefect lease that accounts
+for it on the server (``{"lease_id", "limit_id", "expires"}``), or nothing. The kernel drops a
+``flock`` the moment its holder closes the file or dies, so a free file whose record names a lease
+holds either a lease left by a holder that exited or one left behind by a crashed holder: either
+way the next claimant may adopt it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+__all__ = ["Cancelled", "LeaseRecord", "SlotFile", "lock_wait", "try_lock", "unlock"]
+
+_WAIT_TICK = 0.05
+"""How often (s) a waiter with a deadline or a cancel event looks at them while blocked."""
+
+
+class Cancelled(Exception):
+    """The waiter's cancel event was set (its async caller was cancelled)."""
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The Prefect lease (one GCL slot) attached to a slot file, and when it expires (epoch s).
+
+    ``limit_id`` guards adoption: a lease on a limit that was deleted and re-created (a new id) no
+    longer counts against the limit in force.
+    """
+
+    lease_id: UUID
+    limit_id: UUID
+    expires: float
+
+
+def _open(path: Path) -> int:
+    # O_CLOEXEC: a GPU program exec'd by the holder must not inherit (and so prolong) the lock.
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+
+def try_lock(path: Path) -> int | None:
+    """A new descriptor of ``path`` holding an exclusive flock, or None if someone holds it."""
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def unlock(fd: int) -> None:
+    """Drop the lock by closing the descriptor (the only way that also covers crashes)."""
+    os.close(fd)
+
+
+def lock_wait(path: Path, deadline: float | None, cancelled: threading.Event | None) -> int:
+    """Block until ``path`` is locked; TimeoutError at ``deadline``, Cancelled on ``cancelled``.
+
+    The kernel wakes a blocked ``flock`` the instant the holder lets go, so the blocking call runs
+    in a helper thread while the caller watches its deadline; an abandoned helper unlocks as soon
+    as it gets the lock.
+    """
+    fd = try_lock(path)
+    if fd is not None:
+        return fd
+    fd = _open(path)
+    if deadline is None and cancelled is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    got = threading.Event()
+    guard = threading.Lock()
+    abandoned = False
+
+    def wait() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with guard:
+            if abandoned:
+                os.close(fd)
+            else:
+                got.set()
+
+    threading.Thread(target=wait, name=f"flock-wait-{path.name}", daemon=True).start()
+    while not got.wait(_WAIT_TICK):
+        timed_out = deadline is not None and time.monotonic() >= deadline
+        if timed_out or (cancelled is not None and cancelled.is_set()):
+            with guard:
+                if got.is_set():
+                    break
+                abandoned = True
+            if timed_out:
+                raise TimeoutError(path)
+            raise Cancelled
+    return fd
+
+
+class SlotFile:
+    """One GPU slot's lock file, held through ``fd`` while claimed."""
+
+    def __init__(self, directory: Path, index: int) -> None:
+        self.directory = directory
+        self.index = index
+        self.path = directory / f"slot-{index}.lock"
+        self.fd: int | None = None
+
+    def try_lock(self) -> bool:
+        self.fd = try_lock(self.path)
+        return self.fd is not None
+
+    def unlock(self) -> None:
+        if self.fd is not None:
+            unlock(self.fd)
+            self.fd = None
+
+    def read(self) -> LeaseRecord | None:
+        """The record; only meaningful while this process holds the lock."""
+        assert self.fd is not None
+        raw = os.pread(self.fd, 4096, 0)
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+            return LeaseRecord(
+                UUID(data["lease_id"]), UUID(data["limit_id"]), float(data["expires"])
+            )
+        except (ValueError, KeyError, TypeError):
+            return None  # a torn or foreign record: treat as no lease (the server expires it)
+
+    def write(self, record: LeaseRecord | None) -> None:
+        assert self.fd is not None
+        os.ftruncate(self.fd, 0)
+        if record is not None:
+            data = {
+                "lease_id": str(record.lease_id),
+                "limit_id": str(record.limit_id),
+                "expires": record.expires,
+            }
+            os.pwrite(self.fd, json.dumps(data).encode(), 0)

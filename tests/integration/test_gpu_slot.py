@@ -1,0 +1,357 @@
+"""gpu_slot() on a real Prefect server: errors, exclusivity, crashes, limit changes, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import accumulate, count
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
+from prefect.exceptions import ObjectNotFound
+
+from prefect_gpu_flows import (
+    GpuLimitNotFoundError,
+    GpuSlotTimeout,
+    MissingWorkerIdError,
+    async_gpu_slot,
+    gpu_slot,
+)
+from prefect_gpu_flows._locks import try_lock, unlock
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+HOLDER = "tests.integration._gpu_slot_holder"
+_names = count()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until ``condition`` holds; the seconds it took. Fails the test at the deadline."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def in_thread(target: Callable[[], None]) -> threading.Thread:
+    """Start ``target`` in a thread that sees this test's Prefect settings (a context variable)."""
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,))
+    thread.start()
+    return thread
+
+
+@dataclass
+class Node:
+    """One simulated GPU node: its WORKER_ID, lock directory and Prefect limit."""
+
+    worker_id: str
+    lock_dir: Path
+    prefect: SyncPrefectClient
+    holders: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def limit_name(self) -> str:
+        return f"gpu:{self.worker_id}"
+
+    def create_limit(self, limit: int) -> None:
+        self.prefect.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=self.limit_name, limit=limit)
+        )
+
+    def set_limit(self, limit: int) -> None:
+        self.prefect.update_global_concurrency_limit(
+            self.limit_name, GlobalConcurrencyLimitUpdate(limit=limit)
+        )
+
+    def active_slots(self) -> int:
+        return self.prefect.read_global_concurrency_limit_by_name(self.limit_name).active_slots
+
+    def slot_free(self, index: int) -> bool:
+        fd = try_lock(self.lock_dir / self.worker_id / f"slot-{index}.lock")
+        if fd is None:
+            return False
+        unlock(fd)
+        return True
+
+    def start_holder(self, events: Path, *args: str) -> subprocess.Popen[bytes]:
+        with events.with_suffix(".log").open("ab") as log:
+            holder = subprocess.Popen(
+                [sys.executable, "-m", HOLDER, "--events", str(events), *args],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        self.holders.append(holder)
+        return holder
+
+    def stop_holders(self) -> None:
+        for holder in self.holders:
+            if holder.poll() is None:
+                holder.kill()
+            holder.wait(timeout=10)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def entered(path: Path) -> list[dict[str, Any]]:
+    return [event for event in read_events(path) if event["event"] == "enter"]
+
+
+@pytest.fixture
+def node(
+    prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Node]:
+    worker_id = f"node-{os.getpid()}-{next(_names)}"
+    monkeypatch.setenv("WORKER_ID", worker_id)
+    monkeypatch.setenv("PREFECT_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "60")  # the server's minimum
+    with get_client(sync_client=True) as prefect:
+        result = Node(worker_id, tmp_path / "locks", prefect)
+        try:
+            yield result
+        finally:
+            result.stop_holders()
+            with contextlib.suppress(ObjectNotFound):
+                prefect.delete_global_concurrency_limit_by_name(result.limit_name)
+
+
+def test_missing_worker_id_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORKER_ID", raising=False)
+    with pytest.raises(MissingWorkerIdError, match="export WORKER_ID=") as error, gpu_slot():
+        pytest.fail("entered without WORKER_ID")
+    assert "webhook" in str(error.value)
+
+
+def test_missing_limit_names_the_operator_and_is_not_created(node: Node) -> None:
+    with pytest.raises(GpuLimitNotFoundError, match="GPULimitPolicy") as error, gpu_slot():
+        pytest.fail("entered without a limit")
+    assert node.limit_name in str(error.value)
+    with pytest.raises(ObjectNotFound):
+        node.prefect.read_global_concurrency_limit_by_name(node.limit_name)
+
+
+def test_six_processes_share_two_slots_exclusively(node: Node, tmp_path: Path) -> None:
+    node.create_limit(2)
+    events = tmp_path / "events.jsonl"
+    seen_active: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        with get_client(sync_client=True) as prefect:
+            while not done.wait(0.05):
+                limit = prefect.read_global_concurrency_limit_by_name(node.limit_name)
+                seen_active.append(limit.active_slots)
+
+    sampler = in_thread(sample)
+    try:
+        holders = [node.start_holder(events, "--units", "3", "--hold", "0.3") for _ in range(6)]
+        for holder in holders:
+            assert holder.wait(timeout=120) == 0
+    finally:
+        done.set()
+        sampler.join()
+
+    intervals = []
+    for pid in {event["pid"] for event in read_events(events)}:
+        mine = [e for e in read_events(events) if e["pid"] == pid and e["event"] != "start"]
+        assert [e["event"] for e in mine] == ["enter", "exit"] * 3
+        pairs = zip(mine[::2], mine[1::2], strict=True)
+        intervals += [(enter["t"], leave["t"], tuple(enter["devices"])) for enter, leave in pairs]
+    assert len(intervals) == 18
+    steps = sorted([(s, 1) for s, _, _ in intervals] + [(e, -1) for _, e, _ in intervals])
+    inside = list(accumulate(step for _, step in steps))  # exits sort first at equal times
+    assert max(inside) == 2, "more than 2 holders inside at once (or never 2)"
+    for i, (start, end, devices) in enumerate(intervals):
+        assert set(devices) <= {0, 1}
+        for other_start, other_end, other_devices in intervals[i + 1 :]:
+            if other_start < end and start < other_end:
+                assert set(devices).isdisjoint(other_devices), "two holders shared a GPU"
+    assert seen_active
+    assert max(seen_active) <= 2
+    wait_for(lambda: node.active_slots() == 0, 10, "slots released after the holders exit")
+
+
+def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
+    node: Node, tmp_path: Path
+) -> None:
+    node.create_limit(1)
+    events = tmp_path / "events.jsonl"
+    holder = node.start_holder(events, "--until", str(tmp_path / "never"))
+    wait_for(lambda: len(entered(events)) == 1, 60, "holder entered")
+    assert not node.slot_free(0)
+
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    freed = wait_for(lambda: node.slot_free(0), 2, "device lock dropped by the kernel")
+    assert node.active_slots() == 1  # the server still counts the dead holder's lease
+
+    start = time.monotonic()
+    with gpu_slot(timeout_seconds=5) as lease:  # adopts that lease: no wait for its expiry
+        took = time.monotonic() - start
+        assert lease.devices == (0,)
+        assert node.active_slots() == 1
+    assert freed < 1
+    assert took < 2
+    wait_for(lambda: node.active_slots() == 0, 10, "adopted lease released after the block")
+
+
+def test_killed_holder_lease_expires_on_the_server(node: Node, tmp_path: Path) -> None:
+    """Nobody else claims the device: the server frees the slot after lease + repossessor loop."""
+    node.create_limit(1)
+    events = tmp_path / "events.jsonl"
+    holder = node.start_holder(events, "--until", str(tmp_path / "never"))
+    wait_for(lambda: len(entered(events)) == 1, 60, "holder entered")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    killed = time.monotonic()
+    assert node.active_slots() == 1
+    # 60 s lease (the server's minimum) + up to 15 s for the repossessor loop; measured ~60-75 s.
+    took = wait_for(lambda: node.active_slots() == 0, 85, "lease expired on the server")
+    elapsed = time.monotonic() - killed
+    print(f"GCL slot of a SIGKILLed holder freed by lease expiry after {elapsed:.1f} s")
+    assert took >= 55
+
+
+def test_lowered_limit_admits_nobody_until_holders_drop_below_it(
+    node: Node, tmp_path: Path
+) -> None:
+    node.create_limit(2)
+    first, second, third = (tmp_path / f"h{i}.jsonl" for i in range(3))
+    node.start_holder(first, "--until", str(tmp_path / "release-1"))
+    node.start_holder(second, "--until", str(tmp_path / "release-2"))
+    wait_for(lambda: len(entered(first)) == len(entered(second)) == 1, 60, "holders entered")
+
+    node.set_limit(1)
+    node.start_holder(third, "--hold", "0")
+    wait_for(lambda: len(read_events(third)) >= 1, 60, "third holder started")
+    time.sleep(1.5)  # longer than a waiter's limit refresh: it must still be outside
+    assert not entered(third)
+
+    (tmp_path / "release-1").touch()
+    wait_for(lambda: len(read_events(first)) == 3, 10, "first holder left")
+    time.sleep(1.5)  # one holder left = the new limit: still no room
+    assert not entered(third)
+    assert node.active_slots() <= 1
+
+    (tmp_path / "release-2").touch()
+    wait_for(lambda: len(entered(third)) == 1, 10, "third holder entered after the second left")
+    exit_second = next(e["t"] for e in read_events(second) if e["event"] == "exit")
+    assert entered(third)[0]["t"] >= exit_second
+    assert entered(third)[0]["devices"] == [0]  # slot 1 is above the lowered limit
+
+
+def test_limit_zero_waits_and_proceeds_when_raised(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.create_limit(0)
+    inside = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with gpu_slot(timeout_seconds=30):
+                inside.set()
+        except BaseException as error:
+            failure.append(error)
+
+    caplog.set_level(logging.INFO, logger="prefect_gpu_flows")
+    worker = in_thread(run)
+    try:
+        assert not inside.wait(1.5)
+        assert not failure, failure
+        assert "is 0, below the 1 GPU(s) requested" in caplog.text
+        node.set_limit(1)
+        assert inside.wait(5), failure
+    finally:
+        worker.join(timeout=35)
+    assert not failure
+
+
+def test_timeout_raises_gpu_slot_timeout(node: Node) -> None:
+    node.create_limit(1)
+    with gpu_slot():
+        start = time.monotonic()
+        with pytest.raises(GpuSlotTimeout, match="busy") as error, gpu_slot(timeout_seconds=0.5):
+            pytest.fail("entered a full node")
+        assert 0.5 <= time.monotonic() - start < 3
+        assert isinstance(error.value, TimeoutError)
+
+    node.set_limit(0)
+    with pytest.raises(GpuSlotTimeout, match="below the 1 GPU"), gpu_slot(timeout_seconds=0.3):
+        pytest.fail("entered a limit of 0")
+
+
+def test_exception_inside_the_block_releases_both(node: Node) -> None:
+    node.create_limit(1)
+    def crash() -> None:
+        with gpu_slot():
+            assert node.active_slots() == 1
+            raise RuntimeError("model crashed")
+
+    with pytest.raises(RuntimeError, match="model crashed"):
+        crash()
+    assert node.slot_free(0)
+    wait_for(lambda: node.active_slots() == 0, 5, "GCL slot released after the error")
+
+
+def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
+    node.create_limit(2)
+
+    async def scenario() -> None:
+        async with async_gpu_slot(gpus=2) as lease:
+            assert sorted(lease.devices) == [0, 1]
+            assert node.active_slots() == 2
+
+            async def wait_for_slot() -> None:
+                async with async_gpu_slot():
+                    pytest.fail("entered a full node")
+
+            waiter = asyncio.create_task(wait_for_slot())
+            await asyncio.sleep(0.3)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+
+        async def hold_forever() -> None:
+            async with async_gpu_slot():
+                await asyncio.sleep(3600)
+
+        holder = asyncio.create_task(hold_forever())
+        await asyncio.sleep(0.3)
+        assert not node.slot_free(0)
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        assert node.slot_free(0)
+        assert node.slot_free(1)
+
+        with pytest.raises(GpuSlotTimeout):
+            async with async_gpu_slot(gpus=3, timeout_seconds=0.3):
+                pytest.fail("entered with more GPUs than the limit")
+
+    asyncio.run(scenario())
+    wait_for(lambda: node.active_slots() == 0, 5, "GCL slots released after cancellation")

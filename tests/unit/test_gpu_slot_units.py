@@ -1,0 +1,120 @@
+"""The server-free parts of gpu_slot(): configuration, leases, node-local lock files."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from prefect_gpu_flows import GpuLease, MissingWorkerIdError, SlotConfig, get_worker_id
+from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, try_lock, unlock
+
+_ENV = ("PREFECT_GPU_LIMIT_PREFIX", "PREFECT_GPU_LOCK_DIR", "PREFECT_GPU_DEVICE_COUNT")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*_ENV, "PREFECT_GPU_LEASE_SECONDS", "WORKER_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_worker_id_missing_or_blank_explains_how_to_set_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for value in (None, "  "):
+        if value is not None:
+            monkeypatch.setenv("WORKER_ID", value)
+        with pytest.raises(MissingWorkerIdError, match=r"export WORKER_ID=<node-name>"):
+            get_worker_id()
+
+
+def test_config_defaults_follow_prefect_per_worker_example(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKER_ID", "gpu-1")
+    config = SlotConfig.from_env()
+    assert config.limit_name == "gpu:gpu-1"
+    assert config.lock_dir == Path("/tmp/prefect-gpu-locks/gpu-1")
+    assert config.lease_seconds == 60
+    assert [config.device_of(slot) for slot in range(3)] == [0, 1, 2]
+
+
+def test_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WORKER_ID", "node-a.example.com")
+    monkeypatch.setenv("PREFECT_GPU_LIMIT_PREFIX", "gpus/")
+    monkeypatch.setenv("PREFECT_GPU_LOCK_DIR", str(tmp_path))
+    monkeypatch.setenv("PREFECT_GPU_DEVICE_COUNT", "2")  # time-sliced: 2 GPUs, 2 slots each
+    monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "120")
+    config = SlotConfig.from_env()
+    assert config.limit_name == "gpus/node-a.example.com"
+    assert config.lock_dir == tmp_path / "node-a.example.com"
+    assert config.lease_seconds == 120
+    assert [config.device_of(slot) for slot in range(4)] == [0, 1, 0, 1]
+
+
+def test_lease_devices_without_cuda() -> None:
+    lease = GpuLease("gpu:n", (2, 3))
+    assert lease.torch_device == "cpu"  # torch is not installed in the test environment
+    assert lease.cuda_visible_devices == "2,3"
+
+
+def test_slot_lock_is_exclusive_across_descriptors(tmp_path: Path) -> None:
+    first = SlotFile(tmp_path, 0)
+    assert first.try_lock()
+    assert not SlotFile(tmp_path, 0).try_lock()
+    assert SlotFile(tmp_path, 1).try_lock()
+    first.unlock()
+    assert SlotFile(tmp_path, 0).try_lock()
+
+
+def test_slot_record_round_trip_and_torn_records(tmp_path: Path) -> None:
+    slot = SlotFile(tmp_path, 0)
+    assert slot.try_lock()
+    assert slot.read() is None
+    record = LeaseRecord(uuid4(), uuid4(), time.time() + 60)
+    slot.write(record)
+    assert slot.read() == record
+    slot.write(LeaseRecord(uuid4(), uuid4(), 1.0))  # a shorter record replaces it entirely
+    assert slot.read() != record
+    slot.write(None)
+    assert slot.read() is None
+    slot.path.write_text('{"lease_id": "not-a-uuid"')
+    assert slot.read() is None
+    slot.unlock()
+
+
+def test_lock_wait_times_out_and_cancels_without_keeping_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "gate.lock"
+    held = try_lock(path)
+    assert held is not None
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        lock_wait(path, time.monotonic() + 0.2, None)
+    assert time.monotonic() - start < 1
+
+    cancelled = threading.Event()
+    threading.Timer(0.1, cancelled.set).start()
+    with pytest.raises(Cancelled):
+        lock_wait(path, None, cancelled)
+
+    unlock(held)
+    # The abandoned helper threads got the lock and dropped it again.
+    deadline = time.monotonic() + 2
+    while (fd := try_lock(path)) is None:
+        assert time.monotonic() < deadline, "an abandoned waiter kept the lock"
+        time.sleep(0.01)
+    unlock(fd)
+
+
+def test_lock_wait_wakes_when_released(tmp_path: Path) -> None:
+    path = tmp_path / "gate.lock"
+    held = try_lock(path)
+    assert held is not None
+    threading.Timer(0.1, unlock, args=(held,)).start()
+    start = time.monotonic()
+    fd = lock_wait(path, time.monotonic() + 5, None)
+    assert time.monotonic() - start < 1
+    unlock(fd)
