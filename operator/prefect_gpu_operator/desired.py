@@ -103,6 +103,8 @@ def parse_quantity(quantity: str) -> int:
     Extended resources such as GPUs are whole devices, so "500m" or "1.5" is an error, as is a
     negative count.
     """
+    if quantity.isdigit():  # the usual case ("4"): skip the general parser
+        return int(quantity)
     match = _QUANTITY.match(quantity.strip())
     if match is None:
         raise QuantityError(f"{quantity!r} is not a Kubernetes quantity")

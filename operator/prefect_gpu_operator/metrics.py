@@ -26,7 +26,8 @@ RECONCILES = Counter(
 )
 RECONCILE_SECONDS = Histogram(
     "prefect_gpu_operator_reconcile_seconds",
-    "Duration of one policy reconciliation",
+    "Duration of one policy reconciliation: full (resync, re-reads Prefect) or change",
+    ["trigger"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 MANAGED_LIMITS = Gauge(

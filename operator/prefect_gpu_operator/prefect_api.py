@@ -1,68 +1,68 @@
-"""The operator's one door to Prefect: global concurrency limits on one API, one long-lived client.
+"""The operator's one door to Prefect: global concurrency limits over Prefect's REST API.
 
-Every request is counted (``prefect_api_calls_total``) so that tests and benchmarks can prove the
-operator makes no call it does not need.
+Four endpoints are all it needs, so it speaks them with one long-lived httpx client rather than
+Prefect's full client (which costs ~40 MB of imports and extra requests per call). Every request
+is counted (``prefect_api_calls_total``) so that tests and benchmarks can prove the operator makes
+no call it does not need.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable
-from typing import TypeVar
+import asyncio
+from typing import Any
+from urllib.parse import quote
 
-from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.actions import (
-    GlobalConcurrencyLimitCreate,
-    GlobalConcurrencyLimitUpdate,
-)
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+import httpx
 
 from prefect_gpu_operator.metrics import PREFECT_CALLS, PREFECT_ERRORS
 from prefect_gpu_operator.plan import ObservedLimit
 
 __all__ = ["ObservedLimit", "PrefectLimits", "PrefectUnreachable"]
 
-_T = TypeVar("_T")
-
 # The server rejects pages larger than 200.
 PAGE_SIZE = 200
+# A SQLite-backed server answers 503 "database is locked" under concurrent writes: worth a retry.
+_RETRIED_STATUS = frozenset({429, 502, 503, 504})
+_RETRIES = 3
 
 
 class PrefectUnreachable(RuntimeError):
     """The Prefect API could not be reached or answered with an error."""
 
 
+def _path(name: str) -> str:
+    # Quote everything but ':' so that a name such as gpu:node-1.example.com travels intact.
+    return f"/v2/concurrency_limits/{quote(name, safe=':')}"
+
+
 class PrefectLimits:
     """Create, read, update and delete global concurrency limits on one Prefect API."""
 
     def __init__(self, api_url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
-        self.api_url = api_url
-        self._client = PrefectClient(api_url, api_key=api_key, httpx_settings={"timeout": timeout})
-        self._open = False
-
-    async def _ready(self) -> PrefectClient:
-        if not self._open:
-            await self._client.__aenter__()
-            self._open = True
-        return self._client
+        self.api_url = api_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.api_url + "/", headers=headers, timeout=timeout
+        )
 
     async def close(self) -> None:
-        if self._open:
-            self._open = False
-            await self._client.__aexit__(None, None, None)
+        await self._http.aclose()
 
     async def list_all(self) -> dict[str, ObservedLimit]:
         """Every limit on the server, paged."""
-        client = await self._ready()
         found: dict[str, ObservedLimit] = {}
         offset = 0
         while True:
-            page = await self._call(
-                "list", client.read_global_concurrency_limits(limit=PAGE_SIZE, offset=offset)
-            )
+            body = {"limit": PAGE_SIZE, "offset": offset}
+            page: list[dict[str, Any]] = (
+                await self._request("list", "POST", "/v2/concurrency_limits/filter", body)
+            ).json()
             for item in page:
-                found[item.name] = ObservedLimit(
-                    item.name, item.limit, item.active, item.slot_decay_per_second or 0.0
+                found[item["name"]] = ObservedLimit(
+                    item["name"],
+                    int(item["limit"]),
+                    bool(item.get("active", True)),
+                    float(item.get("slot_decay_per_second") or 0.0),
                 )
             if len(page) < PAGE_SIZE:
                 return found
@@ -70,44 +70,44 @@ class PrefectLimits:
 
     async def create(self, name: str, limit: int, slot_decay_per_second: float) -> None:
         """Create the limit; if it appeared meanwhile, set it instead (the caller owns the name)."""
-        client = await self._ready()
-        body = GlobalConcurrencyLimitCreate(
-            name=name, limit=limit, slot_decay_per_second=slot_decay_per_second
-        )
-        try:
-            await self._call("create", client.create_global_concurrency_limit(body))
-        except ObjectAlreadyExists:
+        body = {"name": name, "limit": limit, "slot_decay_per_second": slot_decay_per_second}
+        response = await self._request("create", "POST", "/v2/concurrency_limits/", body, ok={409})
+        if response.status_code == 409:
             await self.update(name, limit, slot_decay_per_second)
 
     async def update(self, name: str, limit: int, slot_decay_per_second: float) -> None:
         """Change the limit's size. Never touches ``active``: toggling it corrupts slot counts."""
-        client = await self._ready()
-        body = GlobalConcurrencyLimitUpdate(
-            limit=limit, slot_decay_per_second=slot_decay_per_second
-        )
-        try:
-            await self._call("update", client.update_global_concurrency_limit(name, body))
-        except ObjectNotFound:
+        body = {"limit": limit, "slot_decay_per_second": slot_decay_per_second}
+        response = await self._request("update", "PATCH", _path(name), body, ok={404})
+        if response.status_code == 404:
             await self.create(name, limit, slot_decay_per_second)
 
     async def delete(self, name: str) -> None:
-        client = await self._ready()
-        with contextlib.suppress(ObjectNotFound):  # already gone: the goal is reached
-            await self._call("delete", client.delete_global_concurrency_limit_by_name(name))
+        # Already gone is fine: the goal is reached.
+        await self._request("delete", "DELETE", _path(name), None, ok={404})
 
-    async def _call(self, operation: str, request: Awaitable[_T]) -> _T:
-        PREFECT_CALLS.labels(operation).inc()
-        try:
-            return await request
-        except (ObjectAlreadyExists, ObjectNotFound):
-            raise
-        except Exception as error:
+    async def _request(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        ok: frozenset[int] | set[int] = frozenset(),
+    ) -> httpx.Response:
+        for attempt in range(_RETRIES + 1):
+            PREFECT_CALLS.labels(operation).inc()
+            try:
+                response = await self._http.request(method, path.lstrip("/"), json=body)
+            except httpx.HTTPError as error:
+                failure = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            else:
+                if response.is_success or response.status_code in ok:
+                    return response
+                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code not in _RETRIED_STATUS:
+                    PREFECT_ERRORS.labels(operation).inc()
+                    break
             PREFECT_ERRORS.labels(operation).inc()
-            raise PrefectUnreachable(
-                f"{operation} on {self.api_url}: {_describe(error)}"
-            ) from error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0][:300]
+            if attempt < _RETRIES:
+                await asyncio.sleep(0.1 * 2**attempt)
+        raise PrefectUnreachable(f"{operation} on {self.api_url}: {failure}")

@@ -7,7 +7,6 @@ import asyncio
 import logging
 
 import kopf
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from prefect_gpu_operator.settings import OperatorSettings
 
@@ -32,18 +31,14 @@ def run_operator(settings: OperatorSettings, *, verbose: bool = False) -> None:
         if settings.health_port
         else None
     )
-    # Prefect's client retries a failed request 5 times with 2-32 s pauses (a minute in all)
-    # before it reports anything; the operator has its own backoff and must say "unreachable"
-    # in status within seconds, so the client only absorbs brief 503s.
-    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 2}):
-        asyncio.run(
-            kopf.operator(
-                clusterwide=True,
-                standalone=settings.peering is None,
-                peering_name=settings.peering,
-                liveness_endpoint=liveness,
-            )
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=settings.peering is None,
+            peering_name=settings.peering,
+            liveness_endpoint=liveness,
         )
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from prefect_gpu_operator.desired import (
@@ -58,9 +59,12 @@ class PolicyRecord:
     policy: Policy | None  # None when the spec does not parse
     spec_error: str | None
     ledger: tuple[LimitEntry, ...]
-    status: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)  # as last written
+    pending: dict[str, Any] | None = None  # the status to write next, if it differs
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # writes in order
+    flusher: asyncio.Task[None] | None = None
 
 
 def _now() -> str:
@@ -180,6 +184,7 @@ class Operator:
         return self._observed[server.api_url]
 
     async def close(self) -> None:
+        await self.flush_all()
         for server in self._servers.values():
             await server.close()
         self.kube.close()
@@ -210,11 +215,12 @@ class Operator:
             return []
         async with record.lock:
             started = time.perf_counter()
-            RECONCILES.labels(name, "full" if full else "change").inc()
+            trigger = "full" if full else "change"
+            RECONCILES.labels(name, trigger).inc()
             try:
                 return await self._reconcile(name, record, full=full, deleting=deleting)
             finally:
-                RECONCILE_SECONDS.observe(time.perf_counter() - started)
+                RECONCILE_SECONDS.labels(trigger).observe(time.perf_counter() - started)
 
     async def _reconcile(
         self, name: str, record: PolicyRecord, *, full: bool, deleting: bool
@@ -248,13 +254,17 @@ class Operator:
                 deletion_policy=spec.deletion_policy,
                 other_ledgers=self._other_ledgers(name),
             )
-            if plan.claim != record.ledger:
+            new_names = {e.name for e in plan.claim} - {e.name for e in record.ledger}
+            record.ledger = plan.claim
+            if new_names:
                 # Write-ahead: name every limit about to be created before creating it, so a
-                # crash cannot leave one of ours looking like a user's.
-                record.ledger = plan.claim
-                await self._write_status(
+                # crash cannot leave one of ours looking like a user's. Only names matter here;
+                # a changed size of a limit already listed is written after, at leisure.
+                written = await self._write_status(
                     name, record, Outcome(generation, plan=plan), ledger_only=True
                 )
+                if not written:
+                    return [Event("Warning", "StatusWriteFailed", "could not record new limits")]
             events = await self._apply(server, plan, observed)
             record.ledger = plan.ledger
         except (PrefectUnreachable, SecretNotFound) as error:
@@ -305,14 +315,46 @@ class Operator:
 
     async def _write_status(
         self, name: str, record: PolicyRecord, outcome: Outcome, *, ledger_only: bool = False
-    ) -> None:
+    ) -> bool:
+        """Record the status to write. The ledger-only write-ahead goes out now; the rest is
+        coalesced, so a burst of node changes costs one status write, not one per change.
+        Returns False when a write that had to go out now failed."""
         outcome = dataclasses.replace(outcome, workers=self.workers.nodes())
+        base = record.pending if record.pending is not None else record.status
         if ledger_only:
             status = {"limits": [entry.model_dump(by_alias=True) for entry in record.ledger]}
         else:
-            status = build_status(outcome, record.status, _now())
-        merged = {**record.status, **status}
-        if merged == record.status:
-            return  # nothing new: no write, no watch event, no loop
-        await self.kube.patch_policy_status(name, status)
-        record.status = merged
+            status = build_status(outcome, base, _now())
+        intended = {**base, **status}
+        if intended == base:
+            return True  # nothing new: no write, no watch event, no loop
+        record.pending = intended
+        if ledger_only:
+            return await self._flush(name, record)
+        if record.flusher is None or record.flusher.done():
+            record.flusher = asyncio.create_task(self._flush_soon(name, record))
+        return True
+
+    async def _flush_soon(self, name: str, record: PolicyRecord) -> None:
+        await asyncio.sleep(self.settings.status_interval_seconds)
+        await self._flush(name, record)
+
+    async def _flush(self, name: str, record: PolicyRecord) -> bool:
+        async with record.status_lock:  # one write at a time, so they land in order
+            intended, record.pending = record.pending, None
+            if intended is None or intended == record.status:
+                return True
+            try:
+                await self.kube.patch_policy_status(name, intended)
+            except ApiException as error:
+                log.warning("status of %s not written (%s); will retry", name, error.reason)
+                if record.pending is None:
+                    record.pending = intended
+                return False
+            record.status = intended
+            return True
+
+    async def flush_all(self) -> None:
+        """Write every pending status now (on shutdown)."""
+        for name, record in list(self.policies.items()):
+            await self._flush(name, record)

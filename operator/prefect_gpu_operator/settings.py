@@ -30,6 +30,12 @@ class OperatorSettings(BaseSettings):
         description="Interval of the full reconcile that re-reads nodes and Prefect's limits and "
         "repairs drift (a limit edited or deleted in the UI).",
     )
+    status_interval_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        description="Status writes after a change wait this long so that a burst of node changes "
+        "is written as one. Writes that must precede a Prefect call are never delayed.",
+    )
     retry_max_seconds: float = Field(
         default=30.0,
         gt=0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ class OperatorProcess:
         namespace: str = "prefect-gpu-operator",
         resync_seconds: float = 2.0,
         extra_env: Mapping[str, str] | None = None,
+        verbose: bool = True,
     ) -> None:
         self.health_port = free_port()
         self.metrics_port = free_port()
@@ -48,7 +50,13 @@ class OperatorProcess:
         }
         self.process = ServerProcess(
             "operator",
-            [sys.executable, "-m", "prefect_gpu_operator.cli", "run", "--verbose"],
+            [
+                sys.executable,
+                "-m",
+                "prefect_gpu_operator.cli",
+                "run",
+                *(["--verbose"] if verbose else []),
+            ],
             log_path=log_path,
             env=env,
         )
@@ -165,12 +173,21 @@ class PrefectLimitsReader:
     def __init__(self, api_url: str) -> None:
         self.http = httpx.Client(base_url=api_url, timeout=10)
 
+    def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        # A SQLite server answers 503 "database is locked" when writes collide: retry those.
+        for attempt in range(6):
+            response = self.http.request(method, path, json=body)
+            if response.status_code != 503:
+                return response
+            time.sleep(0.1 * 2**attempt)
+        return response
+
     def all(self) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         offset = 0
         while True:
-            page = self.http.post(
-                "/v2/concurrency_limits/filter", json={"limit": 200, "offset": offset}
+            page = self._request(
+                "POST", "/v2/concurrency_limits/filter", {"limit": 200, "offset": offset}
             )
             page.raise_for_status()
             for item in page.json():
@@ -183,15 +200,16 @@ class PrefectLimitsReader:
         return {name: item["limit"] for name, item in self.all().items() if name.startswith(prefix)}
 
     def create(self, name: str, limit: int) -> None:
-        self.http.post(
-            "/v2/concurrency_limits/", json={"name": name, "limit": limit}
-        ).raise_for_status()
+        body = {"name": name, "limit": limit}
+        self._request("POST", "/v2/concurrency_limits/", body).raise_for_status()
 
     def set_limit(self, name: str, limit: int) -> None:
-        self.http.patch(f"/v2/concurrency_limits/{name}", json={"limit": limit}).raise_for_status()
+        self._request(
+            "PATCH", f"/v2/concurrency_limits/{name}", {"limit": limit}
+        ).raise_for_status()
 
     def delete(self, name: str) -> None:
-        response = self.http.delete(f"/v2/concurrency_limits/{name}")
+        response = self._request("DELETE", f"/v2/concurrency_limits/{name}")
         if response.status_code != 404:
             response.raise_for_status()
 

@@ -1,0 +1,295 @@
+"""The operator at 1,000 GPU nodes: cold start, change latency, noise immunity, resync cost.
+
+Run: ``python tests/benchmarks/bench_operator_scale.py [--nodes 1000] [--rate 5] [--seconds 60]
+[--runs 1]`` (not collected by pytest). Each run starts its own etcd + kube-apiserver, Prefect
+server (SQLite) and operator on 127.0.0.1 and prints:
+
+1. cold start: nodes exist before the operator starts; seconds until every GCL is correct, the
+   Prefect API calls it made, the operator's peak RSS;
+2. change latency: allocatable of random nodes changed at ``rate``/s for ``seconds``; from the
+   status patch to the GCL showing the new limit (p50/p95/p99/max);
+3. noise: one update per node that leaves its slots unchanged; Prefect calls and operator CPU;
+4. resync: one full reconcile with nothing to change; its Prefect calls and duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.support
+
+import httpx
+from kubernetes import client, config
+from tests.support.nodes import gpu_node_body
+from tests.support.operator import OperatorProcess
+
+from prefect_gpu_operator.crd import GROUP, PLURAL, VERSION, build_crd
+from prefect_gpu_operator.sandbox.controlplane import ControlPlane
+from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
+from prefect_gpu_operator.sandbox.processes import wait_until
+
+PROFILE = ""
+RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "amd.com/gpu")
+
+
+def _resources(rng: random.Random) -> dict[str, int]:
+    kind = rng.choices(RESOURCES, weights=(8, 1, 1))[0]
+    return {kind: rng.randint(1, 8)}
+
+
+def _limits(http: httpx.Client) -> dict[str, int]:
+    found: dict[str, int] = {}
+    offset = 0
+    while True:
+        page = http.post("/v2/concurrency_limits/filter", json={"limit": 200, "offset": offset})
+        page.raise_for_status()
+        found.update({item["name"]: item["limit"] for item in page.json()})
+        if len(page.json()) < 200:
+            return found
+        offset += 200
+
+
+def _proc(pid: int) -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    return peak / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        root = Path(tmp)
+        plane = ControlPlane(root / "cluster")
+        prefect = PrefectServer(root / "prefect")
+        operator: OperatorProcess | None = None
+        try:
+            plane.start()
+            prefect.start()
+            api = config.new_client_from_config(config_file=str(plane.kubeconfig))
+            core = client.CoreV1Api(api)
+            custom = client.CustomObjectsApi(api)
+            client.ApiextensionsV1Api(api).create_custom_resource_definition(build_crd())
+            wait_until(lambda: _established(api), timeout=30, what="CRD", interval=0.2)
+            core.create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name="prefect-gpu-operator"))
+            )
+            expected: dict[str, int] = {}
+            allocatable: dict[str, dict[str, int]] = {}
+            with ThreadPoolExecutor(8) as pool:
+                bodies = []
+                for index in range(nodes):
+                    name = f"gpu-{index:04d}"
+                    allocatable[name] = _resources(rng)
+                    expected[f"gpu:{name}"] = sum(allocatable[name].values())
+                    bodies.append(gpu_node_body(name, allocatable[name]))
+                list(pool.map(core.create_node, bodies))
+            custom.create_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "GPULimitPolicy",
+                    "metadata": {"name": "bench"},
+                    "spec": {
+                        "server": {"remoteApiUrl": prefect.api_url},
+                        "resources": list(RESOURCES),
+                    },
+                },
+            )
+            http = httpx.Client(base_url=prefect.api_url, timeout=30)
+
+            # 1. cold start
+            operator = OperatorProcess(
+                plane.kubeconfig, root / "operator.log", resync_seconds=3600, verbose=False
+            )
+            started = time.perf_counter()
+            operator.start()
+            wait_until(
+                lambda: _limits(http) == expected, timeout=300, what="cold start", interval=0.2
+            )
+            results["cold_start_s"] = time.perf_counter() - started
+            results["cold_start_prefect_calls"] = operator.prefect_calls()
+            results["cold_start_peak_rss_mb"] = _proc(operator.process.pid)[0]
+
+            # 2. change latency
+            if PROFILE:
+                import subprocess
+
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "-p",
+                        str(operator.process.pid),
+                        "-o",
+                        PROFILE,
+                        "-d",
+                        str(int(seconds)),
+                        "-f",
+                        "speedscope",
+                    ]
+                )
+            latencies: list[float] = []
+            pending: dict[str, tuple[int, float]] = {}
+            lock = threading.Lock()
+            issuing = threading.Event()
+            issuing.set()
+
+            def watch() -> None:
+                # One poller for all pending changes, one GET every few ms: the measurement must
+                # not load the Prefect server it measures.
+                while issuing.is_set() or pending:
+                    with lock:
+                        todo = list(pending.items())
+                    for name, (gpus, began) in todo:
+                        limit = http.get(f"/v2/concurrency_limits/gpu:{name}").json()["limit"]
+                        if limit == gpus:
+                            with lock:
+                                latencies.append(time.perf_counter() - began)
+                                del pending[name]
+                        elif time.perf_counter() - began > 60:
+                            raise TimeoutError(name)
+                        time.sleep(0.002)
+                    if not todo:
+                        time.sleep(0.002)
+
+            def change(name: str, gpus: int) -> None:
+                resource = next(iter(allocatable[name]))
+                began = time.perf_counter()
+                core.patch_node_status(name, {"status": {"allocatable": {resource: str(gpus)}}})
+                with lock:
+                    pending[name] = (gpus, began)
+
+            poller = threading.Thread(target=watch, daemon=True)
+            poller.start()
+            changes = int(rate * seconds)
+            names = rng.sample(sorted(allocatable), changes)  # distinct: no overlapping changes
+            tick = time.perf_counter()
+            try:
+                for name in names:
+                    current = sum(allocatable[name].values())
+                    gpus = rng.choice([g for g in range(0, 9) if g != current])
+                    allocatable[name] = {next(iter(allocatable[name])): gpus}
+                    change(name, gpus)
+                    tick += 1 / rate
+                    time.sleep(max(0.0, tick - time.perf_counter()))
+            finally:
+                issuing.clear()
+            poller.join(timeout=120)
+            if PROFILE:
+                spy.wait()
+            for q, key in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"), (1.0, "max")):
+                results[f"change_{key}_ms"] = _percentile(latencies, q) * 1000
+
+            # 3. noise
+            calls, (_, cpu) = operator.prefect_calls(), _proc(operator.process.pid)
+            with ThreadPoolExecutor(8) as pool:
+                list(
+                    pool.map(
+                        lambda name: core.patch_node_status(
+                            name,
+                            {
+                                "status": {
+                                    "conditions": [
+                                        {
+                                            "type": "Ready",
+                                            "status": "True",
+                                            "reason": "KubeletReady",
+                                            "lastHeartbeatTime": "2026-11-26T00:00:00Z",
+                                        }
+                                    ]
+                                }
+                            },
+                        ),
+                        sorted(allocatable),
+                    )
+                )
+            # A real change after the noise marks when the operator has seen all of it.
+            last = sorted(allocatable)[0]
+            target = (sum(allocatable[last].values()) + 1) % 9
+            resource = next(iter(allocatable[last]))
+            core.patch_node_status(last, {"status": {"allocatable": {resource: str(target)}}})
+            wait_until(
+                lambda: http.get(f"/v2/concurrency_limits/gpu:{last}").json()["limit"] == target,
+                timeout=60,
+                what="the barrier change",
+            )
+            results["noise_prefect_calls"] = operator.prefect_calls() - calls - 1
+            results["noise_cpu_s"] = _proc(operator.process.pid)[1] - cpu
+
+            # 4. resync: restart the operator with a short resync and time one full pass.
+            operator.stop()
+            operator = OperatorProcess(
+                plane.kubeconfig, root / "operator2.log", resync_seconds=5, verbose=False
+            )
+            operator.start()
+            wait_until(lambda: _full_reconciles(operator) >= 2, timeout=60, what="two resyncs")
+            first_calls = operator.prefect_calls()
+            wait_until(lambda: _full_reconciles(operator) >= 3, timeout=60, what="a resync")
+            results["resync_prefect_calls"] = operator.prefect_calls() - first_calls
+            results["resync_s"] = operator.metric(
+                "prefect_gpu_operator_reconcile_seconds_sum", trigger="full"
+            ) / _full_reconciles(operator)
+            http.close()
+            api.close()
+        finally:
+            if operator is not None:
+                operator.stop()
+            prefect.stop()
+            plane.stop()
+    return results
+
+
+def _full_reconciles(operator: OperatorProcess) -> float:
+    return operator.metric("prefect_gpu_operator_reconcile_seconds_count", trigger="full")
+
+
+def _established(api: client.ApiClient) -> bool:
+    crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+    return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--profile", default="", help="py-spy the operator during the changes")
+    args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
+    runs = [run_once(args.nodes, args.rate, args.seconds, seed) for seed in range(args.runs)]
+    print(
+        f"\n{args.nodes} nodes, {args.rate:g} changes/s for {args.seconds:g} s, {args.runs} run(s)"
+    )
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        each = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {key:28} median {statistics.median(values):10.2f}   runs {each}")
+
+
+if __name__ == "__main__":
+    main()
