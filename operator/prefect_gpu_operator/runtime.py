@@ -29,7 +29,12 @@ from prefect_gpu_operator.desired import (
     desired_limits,
 )
 from prefect_gpu_operator.kube import Kube, SecretNotFound, gpu_node
-from prefect_gpu_operator.metrics import MANAGED_LIMITS, RECONCILE_SECONDS, RECONCILES
+from prefect_gpu_operator.metrics import (
+    MANAGED_LIMITS,
+    NODE_SLOTS,
+    RECONCILE_SECONDS,
+    RECONCILES,
+)
 from prefect_gpu_operator.plan import ObservedLimit, Plan, plan_policy
 from prefect_gpu_operator.policy import GPULimitPolicySpec, LimitEntry, PrefectServerReference
 from prefect_gpu_operator.prefect_api import PrefectLimits, PrefectUnreachable
@@ -65,6 +70,7 @@ class PolicyRecord:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # writes in order
     flusher: asyncio.Task[None] | None = None
+    exported_nodes: set[str] = field(default_factory=set)  # node labels of the slots metric
 
 
 def _now() -> str:
@@ -75,6 +81,17 @@ def _parse_time(value: str | None) -> datetime.datetime:
     if not value:
         return datetime.datetime.max.replace(tzinfo=datetime.UTC)
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _export_metrics(name: str, record: PolicyRecord, ledger: tuple[LimitEntry, ...]) -> None:
+    MANAGED_LIMITS.labels(name).set(len(ledger))
+    nodes = {entry.node for entry in ledger}
+    for gone in record.exported_nodes - nodes:
+        with contextlib.suppress(KeyError):
+            NODE_SLOTS.remove(name, gone)
+    for entry in ledger:
+        NODE_SLOTS.labels(name, entry.node).set(entry.limit)
+    record.exported_nodes = nodes
 
 
 def _ledger(status: Mapping[str, Any]) -> tuple[LimitEntry, ...]:
@@ -153,7 +170,8 @@ class Operator:
         return any(limit.node == node for d in desired.values() for limit in d.limits.values())
 
     def forget_policy(self, name: str) -> None:
-        if self.policies.pop(name, None) is not None:
+        if (record := self.policies.pop(name, None)) is not None:
+            _export_metrics(name, record, ())
             with contextlib.suppress(KeyError):
                 MANAGED_LIMITS.remove(name)
             self.wake_all()  # a younger policy may now own what this one held
@@ -274,7 +292,7 @@ class Operator:
                 name, record, Outcome(generation, plan=plan, prefect_error=message)
             )
             return [*events, Event("Warning", "PrefectUnreachable", message)]
-        MANAGED_LIMITS.labels(name).set(len(plan.ledger))
+        _export_metrics(name, record, plan.ledger)
         await self._write_status(name, record, Outcome(generation, plan=plan))
         return events
 
