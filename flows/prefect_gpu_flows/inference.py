@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -187,6 +188,9 @@ class Embedded:
     """The device indices gpu_slot() gave this step (also on a CPU-only node)."""
     seconds: float
     """Loading (if not cached) and running the model, inside the slot."""
+    held: tuple[str, str] = ("", "")
+    """When the slot was held (ISO 8601, UTC): first and last instant inside ``gpu_slot()``, so
+    the held intervals of two runs on one node overlap only if the node's limit let them."""
 
 
 @task(cache_policy=NO_CACHE)
@@ -202,6 +206,7 @@ def save_embeddings(documents: list[Document], embedded: Embedded, output_dir: P
         "device": embedded.device,
         "slot_devices": list(embedded.slot_devices),
         "embed_seconds": round(embedded.seconds, 4),
+        "slot_held": list(embedded.held),
         "embeddings": "embeddings.npy",
         "ids": [document.id for document in documents],
     }
@@ -223,10 +228,12 @@ def embed(documents: list[Document]) -> Embedded:
     """Embed the documents' texts while holding one GPU slot of this node."""
     logger = get_run_logger()
     with gpu_slot() as lease:
+        acquired = datetime.now(UTC).isoformat()
         started = time.perf_counter()
         encoder = load_encoder(cuda_device(lease))
         vectors = encoder.embed([document.text for document in documents])
         seconds = time.perf_counter() - started
+        released = datetime.now(UTC).isoformat()  # still inside: the slot is released after this
     logger.info(
         "Embedded %d documents on %s (slot of %s, devices %s) in %.3f s",
         len(documents),
@@ -235,7 +242,7 @@ def embed(documents: list[Document]) -> Embedded:
         lease.devices,
         seconds,
     )
-    return Embedded(vectors, encoder.device, lease.devices, seconds)
+    return Embedded(vectors, encoder.device, lease.devices, seconds, (acquired, released))
 
 
 # ## The flow

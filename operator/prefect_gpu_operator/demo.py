@@ -1,13 +1,20 @@
 """``prefect-gpu-operator demo``: the main job on embedded defaults, end to end, on loopback.
 
-A local kube-apiserver + etcd and Prefect server, simulated GPU nodes, the CRD and a default
-policy, the operator itself; then it prints the limits the operator made and changes a node's GPUs
-to show the limit follow. Every process it starts is stopped on exit, Ctrl-C included.
+1. A local kube-apiserver + etcd and Prefect server, the CRD, simulated GPU nodes.
+2. The operator with its admission webhook (a certificate made here, the chart's
+   MutatingWebhookConfiguration pointed at 127.0.0.1) and a default GPULimitPolicy: one limit per
+   GPU node, which follows when a node loses a GPU.
+3. Prefect worker pods on two nodes get ``WORKER_ID`` from the webhook; no kubelet runs, so the
+   demo starts each worker as a local process with the value the kubelet would give it.
+4. The bundled ``embed-documents`` deployment runs three times on each worker; a timeline shows the
+   embedding step gated per node (one at a time on a 1-GPU node, two on a 2-GPU node).
+5. A node leaves and its limit goes. Every process it starts is stopped on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -21,15 +28,24 @@ from typing import Any, cast
 import httpx
 from kubernetes import client, config
 
+from prefect_gpu_operator import demo_workers
 from prefect_gpu_operator.crd import GROUP, PLURAL, VERSION, build_crd
+from prefect_gpu_operator.demo_webhook import WebhookEndpoint, WorkerPod, create_worker_pod
+from prefect_gpu_operator.demo_workers import interrupt_safe
 from prefect_gpu_operator.sandbox.controlplane import ControlPlane
 from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
 from prefect_gpu_operator.sandbox.processes import ServerProcess, free_port, wait_until
 
 __all__ = ["add_demo_command", "run_demo"]
 
-SIMULATED_NODES = {"gpu-node-1": 4, "gpu-node-2": 2, "cpu-node-1": None}
+SIMULATED_NODES = {"gpu-node-1": 2, "gpu-node-2": 2, "cpu-node-1": None}
 OPERATOR_NAMESPACE = "prefect-gpu-operator"
+WORKER_NAMESPACE = "prefect"
+WORKER_NODES = ("gpu-node-1", "gpu-node-2")
+RUNS_PER_NODE = 3
+DOCUMENT_COPIES = 20
+"""Each run embeds the 12 bundled samples this many times over, so that its GPU step takes a
+moment and the runs of a node queue for its slots."""
 
 
 def _step(message: str) -> None:
@@ -50,12 +66,12 @@ def _servers(directory: Path) -> Iterator[tuple[ControlPlane, PrefectServer]]:
         yield plane, prefect
     finally:
         _step("stopping the servers")
-        prefect.stop()
-        plane.stop()
+        interrupt_safe(prefect.stop)
+        interrupt_safe(plane.stop)
 
 
 @contextmanager
-def _operator(kubeconfig: Path, directory: Path) -> Iterator[None]:
+def _operator(kubeconfig: Path, directory: Path, webhook: WebhookEndpoint) -> Iterator[None]:
     health = free_port()
     env = {
         **os.environ,
@@ -65,6 +81,7 @@ def _operator(kubeconfig: Path, directory: Path) -> Iterator[None]:
         "PREFECT_GPU_OPERATOR_HEALTH_PORT": str(health),
         "PREFECT_GPU_OPERATOR_METRICS_PORT": str(free_port()),
         "PREFECT_GPU_OPERATOR_RESYNC_SECONDS": "10",
+        **webhook.operator_env(),
     }
     operator = ServerProcess(
         "operator",
@@ -72,15 +89,16 @@ def _operator(kubeconfig: Path, directory: Path) -> Iterator[None]:
         log_path=directory / "operator.log",
         env=env,
     )
-    _step("starting the operator (prefect-gpu-operator run)")
+    _step("starting the operator with its webhook (prefect-gpu-operator run)")
     operator.start()
     try:
         operator.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"), timeout=60)
-        _step(f"operator running; its log is {operator.log_path}")
+        operator.wait_ready(webhook.serving, timeout=30)
+        _step(f"operator running, webhook serving on {webhook.url}; log: {operator.log_path}")
         yield
     finally:
         _step("stopping the operator")
-        operator.stop()
+        interrupt_safe(operator.stop)
 
 
 def _http_ok(url: str) -> bool:
@@ -164,42 +182,121 @@ def _wait_for_limits(http: httpx.Client, expected: dict[str, int], timeout: floa
     return time.perf_counter() - started
 
 
+def _policy_and_limits(
+    core: client.CoreV1Api, custom: client.CustomObjectsApi, http: httpx.Client, api_url: str
+) -> None:
+    policy = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "GPULimitPolicy",
+        "metadata": {"name": "default"},
+        "spec": {"server": {"remoteApiUrl": api_url}},
+    }
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, policy)
+    _step("applied GPULimitPolicy 'default' (every node, nvidia.com/gpu, 1 slot per GPU)")
+    took = _wait_for_limits(http, {"gpu:gpu-node-1": 2, "gpu:gpu-node-2": 2}, 60)
+    _step(f"the operator created one limit per GPU node in {took:.2f} s:")
+    _print_limits(http)
+
+    core.patch_node_status("gpu-node-1", {"status": {"allocatable": {"nvidia.com/gpu": "1"}}})
+    _step("a GPU of gpu-node-1 failed (allocatable nvidia.com/gpu 2 -> 1)")
+    took = _wait_for_limits(http, {"gpu:gpu-node-1": 1, "gpu:gpu-node-2": 2}, 30)
+    _step(f"the limit followed in {took * 1000:.0f} ms:")
+    _print_limits(http)
+
+
+def _worker_pods(api: client.ApiClient, api_url: str) -> list[WorkerPod]:
+    pods = []
+    for node in WORKER_NODES:
+        pod = create_worker_pod(
+            api, WORKER_NAMESPACE, node, pool=demo_workers.POOL, api_url=api_url
+        )
+        pods.append(pod)
+        _step(
+            f"created pod {WORKER_NAMESPACE}/{pod.name} (labels app.kubernetes.io/name="
+            f"prefect-worker, spec.nodeName={node}); it stays Pending (no kubelet)"
+        )
+        print(f"    env injected by the webhook: {json.dumps(pod.worker_id)}")
+        print(f"    -> WORKER_ID={pod.resolved_worker_id()} once the kubelet starts it on {node}")
+    return pods
+
+
+def _inference(directory: Path, pods: list[WorkerPod], http: httpx.Client, api_url: str) -> None:
+    from prefect.client.orchestration import SyncPrefectClient
+
+    work = directory / "inference"
+    work.mkdir(parents=True, exist_ok=True)
+    documents = demo_workers.write_documents(work / "documents.jsonl", DOCUMENT_COPIES)
+    output = work / "output"
+    with SyncPrefectClient(api_url) as prefect:
+        deployment = demo_workers.create_deployment(prefect, WORKER_NODES)
+        _step(
+            f"deployed {demo_workers.DEPLOYMENT} as flows/prefect.yaml declares it, to pool "
+            f"{demo_workers.POOL}, with a work queue per node"
+        )
+        workers = [
+            demo_workers.NodeWorker(
+                pod.node,
+                pod.resolved_worker_id(),
+                limit=RUNS_PER_NODE,
+                api_url=api_url,
+                directory=work,
+            )
+            for pod in pods
+        ]
+        with demo_workers.running_workers(workers):
+            for worker in workers:
+                _step(f"started {worker.command}")
+            started = time.perf_counter()
+            runs = demo_workers.run_flows(
+                prefect,
+                deployment,
+                workers,
+                runs_per_node=RUNS_PER_NODE,
+                parameters={"documents_path": str(documents.path), "output_dir": str(output)},
+                output_dir=output,
+                timeout=300,
+                report=_step,
+            )
+            _step(
+                f"all {len(runs)} flow runs Completed in {time.perf_counter() - started:.1f} s "
+                f"({documents.count} documents each); stopping the workers"
+            )
+    limits = {name: item["limit"] for name, item in _limits(http).items()}
+    demo_workers.print_timeline(runs, limits)
+    demo_workers.write_timeline(runs, work / "timeline.json")
+    print(f"    (as JSON: {work / 'timeline.json'}; each run's summary.json under {output})")
+    _step("the limits after the runs (every slot released):")
+    _print_limits(http)
+
+
 def run_demo(directory: Path) -> None:
+    demo_workers.check_inference_installed()
     with _servers(directory) as (plane, prefect):
         api = config.new_client_from_config(config_file=str(plane.kubeconfig))  # type: ignore[no-untyped-call]
         core = client.CoreV1Api(api)
         custom = client.CustomObjectsApi(api)
         http = httpx.Client(base_url=prefect.api_url, timeout=10)
         _install_crd(api)
-        core.create_namespace(
-            client.V1Namespace(metadata=client.V1ObjectMeta(name=OPERATOR_NAMESPACE))
-        )
+        for namespace in (OPERATOR_NAMESPACE, WORKER_NAMESPACE):
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
         for name, gpus in SIMULATED_NODES.items():
             core.create_node(_simulated_node(name, gpus))
             _step(f"created simulated node {name} with nvidia.com/gpu={gpus or 'none'}")
-        with _operator(plane.kubeconfig, directory):
-            policy = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "GPULimitPolicy",
-                "metadata": {"name": "default"},
-                "spec": {"server": {"remoteApiUrl": prefect.api_url}},
-            }
-            custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, policy)
-            _step("applied GPULimitPolicy 'default' (every node, nvidia.com/gpu, 1 slot per GPU)")
-            took = _wait_for_limits(http, {"gpu:gpu-node-1": 4, "gpu:gpu-node-2": 2}, 60)
-            _step(f"the operator created one limit per GPU node in {took:.2f} s:")
-            _print_limits(http)
-
-            body = {"status": {"allocatable": {"nvidia.com/gpu": "2"}}}
-            core.patch_node_status("gpu-node-1", body)
-            _step("gpu-node-1 lost two GPUs (allocatable nvidia.com/gpu 4 -> 2)")
-            took = _wait_for_limits(http, {"gpu:gpu-node-1": 2, "gpu:gpu-node-2": 2}, 30)
-            _step(f"the limit followed in {took * 1000:.0f} ms:")
-            _print_limits(http)
+        webhook = WebhookEndpoint(directory / "webhook")
+        _step("made the webhook's CA and serving certificate for 127.0.0.1 (sandbox/pki.py)")
+        with _operator(plane.kubeconfig, directory, webhook):
+            webhook.register(api, ["kube-system", OPERATOR_NAMESPACE])
+            _step(
+                f"registered MutatingWebhookConfiguration {webhook.name} -> {webhook.url} "
+                "(failurePolicy Ignore, timeout 5 s)"
+            )
+            _policy_and_limits(core, custom, http, prefect.api_url)
+            pods = _worker_pods(api, prefect.api_url)
+            _inference(directory, pods, http, prefect.api_url)
 
             core.delete_node("gpu-node-2")
             _step("gpu-node-2 left the cluster")
-            took = _wait_for_limits(http, {"gpu:gpu-node-1": 2}, 30)
+            took = _wait_for_limits(http, {"gpu:gpu-node-1": 1}, 30)
             _step(f"its limit was removed in {took * 1000:.0f} ms (deletionPolicy: Delete)")
             wait_until(
                 lambda: _policy_status(custom).get("nodes") == 1,
