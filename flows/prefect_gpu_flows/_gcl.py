@@ -129,11 +129,20 @@ def renew(prefect: SyncPrefectClient, lease_id: UUID, lease_seconds: float) -> f
     return expires
 
 
-def release(prefect: SyncPrefectClient, lease_id: UUID) -> None:
-    """Give a lease's slot back; an expired lease, or one on a deleted limit, is left alone."""
+def release(prefect: SyncPrefectClient, lease_id: UUID) -> bool:
+    """Give a lease's slot back; False if the server refused and the lease still holds it.
+
+    An unknown or expired lease, or one on a deleted limit, counts as given back (True). The
+    server refuses while the limit is 0: Prefect 3.9's decrement divides by ``limit`` for its
+    occupancy average, SQLite yields NULL, and the NOT NULL violation comes back as 409 with the
+    lease and its slot untouched. Forgetting such a lease would leave the slot counted until the
+    lease expires, unadoptable; the caller keeps it and tries again once the limit is raised.
+    """
     try:
         prefect.release_concurrency_slots_with_lease(lease_id=lease_id)
     except httpx.HTTPStatusError as error:
-        # 409: the limit was deleted under the lease, so there is no slot left to give back.
-        if error.response.status_code not in (404, 409, 410):
+        if error.response.status_code == 409:
+            return False
+        if error.response.status_code not in (404, 410):
             raise
+    return True

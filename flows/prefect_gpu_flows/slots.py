@@ -296,25 +296,36 @@ class _Keeper:
             due = [(i, left) for i, left in self._left.items() if force or left.due <= now]
         for lease_id, left in due:
             gate = _lock_gate(left.directory, wait=2.0 if force else 0.0)
-            if gate is None:  # claimants queue: the head adopts the lease; look again later
+            if gate is None and not force:  # claimants queue: the head adopts it; look later
                 with self._lock:
                     left.due = time.monotonic() + _PARK_RETRY
                 continue
+            # At exit, a head still busy after the wait (a slow server) may never adopt it: the
+            # slot's own lock is what guards the lease, so release it without the gate.
+            refused = False
             try:
                 slot = SlotFile(left.directory, left.index)
                 if slot.try_lock():
                     try:
                         record = slot.read()
                         if record is not None and record.lease_id == lease_id:
-                            _gcl.release(left.prefect, lease_id)
-                            slot.write(None)
+                            released = _gcl.release(left.prefect, lease_id)
+                            # Refused (limit 0): stays on file, adoptable; retried until it
+                            # expires, after which the server's repossessor owns it.
+                            refused = not released and record.expires > time.time()
+                            if not refused:
+                                slot.write(None)
                     finally:
                         slot.unlock()
                 # else: adopted and held by someone else, who now owns the lease
                 with self._lock:
-                    self._left.pop(lease_id, None)
+                    if refused:
+                        left.due = time.monotonic() + _PARK_RETRY
+                    else:
+                        self._left.pop(lease_id, None)
             finally:
-                unlock(gate)
+                if gate is not None:
+                    unlock(gate)
 
     def flush(self) -> None:
         """At exit: release every lease this process left, waiting briefly for each gate."""
@@ -370,16 +381,22 @@ class _Claim:
         gpus: int,
         limit_id: UUID,
         limit: int,
+        read_at: float,
     ) -> None:
         self.config = config
         self.prefect = prefect
         self.gpus = gpus
         self.limit_id = limit_id
         self.limit = limit
+        self.read_at = read_at  # monotonic time the limit was read
+        self.releasable = limit > 0  # see _gcl.release: nothing is released at limit 0
         self.span = self._span()
 
     def refresh(self) -> None:
+        read_at = time.monotonic()
         self.limit_id, self.limit = _read_limit(self.config, self.prefect)
+        self.read_at = read_at
+        self.releasable = self.limit > 0
         self.span = self._span()
 
     def _span(self) -> int:
@@ -395,8 +412,8 @@ class _Claim:
         """One look at the slot files; a holding if ``gpus`` slots were free within the limit."""
         free = [slot for slot in map(self._slot, range(self.span)) if slot.try_lock()]
         chosen: list[SlotFile] = []
+        busy = self.span - len(free)
         try:
-            busy = self.span - len(free)
             records = {slot.index: slot.read() for slot in free}
             if busy + self.gpus <= self.limit:
                 # Prefer slots whose lease can be adopted: that needs no server request.
@@ -413,7 +430,21 @@ class _Claim:
                     slot.unlock()
         if not chosen:
             return None
-        return self._attach(chosen, records)
+        holding = self._attach(chosen, records)
+        if time.monotonic() - self.read_at < _LIMIT_REFRESH:
+            return holding
+        # Server calls in _attach (a 503 backoff, a restarting server) took long enough for the
+        # limit to change meanwhile: a slot index may now be above it, and the server's count may
+        # not cover every local holder (a re-created limit). Check the choice on a fresh read.
+        try:
+            self.refresh()
+        except BaseException:
+            holding.release()
+            raise
+        if busy + self.gpus <= self.limit and all(slot.index < self.limit for slot in chosen):
+            return holding
+        holding.release()  # the leases stay on their files: adopted or released later
+        return None
 
     def _slot(self, index: int) -> SlotFile:
         return SlotFile(self.config.lock_dir, index)
@@ -440,7 +471,11 @@ class _Claim:
             if self._adoptable(record) and slot.index < self.limit and room > 0:
                 room -= 1
                 continue
-            _gcl.release(self.prefect, record.lease_id)
+            if not self.releasable:
+                continue  # the server refuses releases while the limit is 0: keep it on file
+            if not _gcl.release(self.prefect, record.lease_id):
+                self.releasable = False  # until the next read of the limit
+                continue
             slot.write(None)
             records[slot.index] = None
 
@@ -524,14 +559,12 @@ def _acquire(
     except TimeoutError:
         raise _timeout(config, timeout_seconds, waiting) from None
     try:
-        claim = _Claim(config, prefect, gpus, limit_id, limit)
-        refreshed = read_at
+        claim = _Claim(config, prefect, gpus, limit_id, limit, read_at)
         logged: str | None = None
         while True:
             # Also on reaching the head of the queue: the read before it may be old by now.
-            if time.monotonic() - refreshed >= _LIMIT_REFRESH:
+            if time.monotonic() - claim.read_at >= _LIMIT_REFRESH:
                 claim.refresh()
-                refreshed = time.monotonic()
             pause = _POLL
             if claim.limit < gpus:
                 waiting = (

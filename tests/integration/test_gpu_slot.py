@@ -291,6 +291,42 @@ def test_limit_zero_waits_and_proceeds_when_raised(
     assert not failure
 
 
+def test_slot_left_at_limit_zero_stays_adoptable_and_is_released_once_raised(
+    node: Node,
+) -> None:
+    """Prefect 3.9 cannot decrement a limit of 0 (409, a division by zero in its occupancy
+    average): the lease must stay on the slot file, not be forgotten while still counted."""
+    node.create_limit(1)
+    with gpu_slot(timeout_seconds=5):
+        node.set_limit(0)
+    slot = node.lock_dir / node.worker_id / "slot-0.lock"
+    time.sleep(1.5)  # past the keeper's first release attempts: the lease must still be there
+    assert node.active_slots() == 1
+    assert slot.read_text(), "a lease the server still counts was dropped from the slot file"
+    node.set_limit(1)
+    wait_for(lambda: node.active_slots() == 0, 5, "lease released once the limit was raised")
+    assert not slot.read_text()
+
+
+def test_exiting_holder_releases_its_lease_while_the_gate_stays_busy(
+    node: Node, tmp_path: Path
+) -> None:
+    """A head of the queue stuck in a slow server call must not strand an exiting holder's
+    lease (it would stay counted until it expires, 60-75 s)."""
+    node.create_limit(1)
+    events, release = tmp_path / "events.jsonl", tmp_path / "release"
+    holder = node.start_holder(events, "--until", str(release))
+    wait_for(lambda: len(entered(events)) == 1, 60, "holder entered")
+    gate = try_lock(node.lock_dir / node.worker_id / "gate.lock")
+    assert gate is not None
+    try:
+        release.touch()
+        assert holder.wait(timeout=30) == 0
+        wait_for(lambda: node.active_slots() == 0, 5, "lease released at exit")
+    finally:
+        unlock(gate)
+
+
 def test_timeout_raises_gpu_slot_timeout(node: Node) -> None:
     node.create_limit(1)
     with gpu_slot():
