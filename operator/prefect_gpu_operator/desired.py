@@ -24,6 +24,7 @@ __all__ = [
     "Policy",
     "PolicyDesired",
     "QuantityError",
+    "VerdictCache",
     "desired_limits",
     "limit_name",
     "node_gpus",
@@ -158,37 +159,81 @@ def limit_name(template: str, node: str) -> str:
 # --- the desired state ---------------------------------------------------------------------------
 
 
+# A node's verdict under one policy: (limit name, its limit, or why its GPUs cannot be read).
+_Verdict = tuple[str, DesiredLimit | None, str | None]
+
+
+class VerdictCache:
+    """Verdicts of (policy, node) pairs kept between calls of :func:`desired_limits`.
+
+    Policies and nodes are immutable values, and the operator keeps the same object while one is
+    unchanged, so an entry whose policy and node are the very objects passed again is still
+    right: after a node change only that node is evaluated again, not all of them.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]] = {}
+
+
+def _node_verdict(policy: Policy, node: GPUNode) -> _Verdict | None:
+    """None when the policy gives the node no limit (not selected, or no such resource)."""
+    spec = policy.spec
+    if not spec.node_selector.matches(node.labels):
+        return None
+    name = limit_name(spec.limit_name_template, node.name)
+    try:
+        gpus = node_gpus(node, spec.resources)
+    except QuantityError as error:
+        return name, None, str(error)
+    if gpus is None:
+        return None
+    decay = spec.slot_decay_per_second or 0.0
+    return name, DesiredLimit(name, node.name, gpus * spec.slots_per_gpu, decay), None
+
+
 def _policy_candidates(
-    policy: Policy, nodes: Iterable[GPUNode]
+    policy: Policy,
+    nodes: Iterable[GPUNode],
+    cache: VerdictCache | None,
+    kept: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]],
 ) -> tuple[dict[str, DesiredLimit], dict[str, str]]:
     """The limits ``policy`` wants on its own, and the names it cannot compute (name → reason)."""
-    spec = policy.spec
-    decay = spec.slot_decay_per_second or 0.0
     wanted: dict[str, DesiredLimit] = {}
     unknown: dict[str, str] = {}
     for node in nodes:
-        if not spec.node_selector.matches(node.labels):
+        key = (policy.name, node.name)
+        cached = cache.entries.get(key) if cache is not None else None
+        if cached is not None and cached[0] is policy and cached[1] is node:
+            verdict = cached[2]
+        else:
+            verdict = _node_verdict(policy, node)
+        kept[key] = (policy, node, verdict)
+        if verdict is None:
             continue
-        name = limit_name(spec.limit_name_template, node.name)
-        try:
-            gpus = node_gpus(node, spec.resources)
-        except QuantityError as error:
-            unknown[name] = str(error)
-            continue
-        if gpus is not None:
-            wanted[name] = DesiredLimit(name, node.name, gpus * spec.slots_per_gpu, decay)
+        name, limit, reason = verdict
+        if limit is not None:
+            wanted[name] = limit
+        else:
+            unknown[name] = reason or "unreadable"
     return wanted, unknown
 
 
 def desired_limits(
-    policies: Iterable[Policy], nodes: Iterable[GPUNode]
+    policies: Iterable[Policy],
+    nodes: Iterable[GPUNode],
+    cache: VerdictCache | None = None,
 ) -> dict[str, PolicyDesired]:
-    """Every policy's desired limits (by policy name), with name conflicts resolved by seniority."""
+    """Every policy's desired limits (by policy name), with name conflicts resolved by seniority.
+
+    ``cache`` (optional) carries per-node verdicts from the previous call; the result is the same
+    with or without it.
+    """
     nodes = sorted(nodes, key=lambda node: node.name)
     owner: dict[str, str] = {}  # limit name → the oldest policy that wants it
     result: dict[str, PolicyDesired] = {}
+    kept: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]] = {}
     for policy in sorted(policies, key=lambda policy: policy.seniority):
-        wanted, unknown = _policy_candidates(policy, nodes)
+        wanted, unknown = _policy_candidates(policy, nodes, cache, kept)
         mine: dict[str, DesiredLimit] = {}
         conflicts: dict[str, str] = {}
         for name in sorted(wanted.keys() | unknown.keys()):
@@ -203,4 +248,6 @@ def desired_limits(
             conflicts=conflicts,
             unknown={name: reason for name, reason in unknown.items() if name not in conflicts},
         )
+    if cache is not None:
+        cache.entries = kept  # only pairs still present: deleted nodes and policies drop out
     return result

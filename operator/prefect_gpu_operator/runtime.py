@@ -26,6 +26,7 @@ from prefect_gpu_operator.desired import (
     LimitNameError,
     Policy,
     PolicyDesired,
+    VerdictCache,
     desired_limits,
 )
 from prefect_gpu_operator.kube import Kube, SecretNotFound, gpu_node
@@ -108,6 +109,7 @@ class Operator:
         self.policies: dict[str, PolicyRecord] = {}
         self._servers: dict[tuple[str, str | None], PrefectLimits] = {}
         self._observed: dict[str, dict[str, ObservedLimit]] = {}
+        self._verdicts = VerdictCache()
         self.workers = WorkerPods(Injection.from_settings(settings))
 
     # --- what the watches tell us ------------------------------------------------------------
@@ -120,8 +122,9 @@ class Operator:
             self.nodes.pop(node.name, None)
             changed = before is not None
         else:
-            self.nodes[node.name] = node
             changed = before != node
+            if changed:  # keep the same object while unchanged: verdict caches key on identity
+                self.nodes[node.name] = node
         if changed:
             self.wake_all()
         return changed
@@ -164,7 +167,7 @@ class Operator:
     def node_has_limit(self, node: str) -> bool:
         policies = [r.policy for r in self.policies.values() if r.policy is not None]
         try:
-            desired = desired_limits(policies, self.nodes.values())
+            desired = desired_limits(policies, self.nodes.values(), self._verdicts)
         except LimitNameError:
             return False  # such a policy creates no limit at all
         return any(limit.node == node for d in desired.values() for limit in d.limits.values())
@@ -211,7 +214,8 @@ class Operator:
 
     def _desired(self, name: str) -> PolicyDesired:
         policies = [r.policy for r in self.policies.values() if r.policy is not None]
-        return desired_limits(policies, self.nodes.values()).get(name, PolicyDesired())
+        desired = desired_limits(policies, self.nodes.values(), self._verdicts)
+        return desired.get(name, PolicyDesired())
 
     def _other_ledgers(self, name: str) -> dict[str, str]:
         return {

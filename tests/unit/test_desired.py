@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +14,7 @@ from prefect_gpu_operator.desired import (
     LimitNameError,
     Policy,
     QuantityError,
+    VerdictCache,
     desired_limits,
     limit_name,
     node_gpus,
@@ -272,3 +274,30 @@ def test_no_nodes_or_no_policies() -> None:
     assert desired_limits([], [node("g", {NV: "1"})]) == {}
     empty = desired_limits([policy()], [])["gpus"]
     assert (dict(empty.limits), dict(empty.conflicts), empty.total_slots) == ({}, {}, 0)
+
+
+def test_verdict_cache_never_changes_the_result() -> None:
+    """A cached run equals a fresh one through node changes, removals and policy replacements."""
+    rng = random.Random(7)
+    nodes = {
+        f"n{i}": node(f"n{i}", {NV: str(i % 5)}, {"pool": rng.choice("ab")}) for i in range(40)
+    }
+    policies = {
+        "p": policy("p"),
+        "q": policy("q", age=1, nodeSelector={"matchLabels": {"pool": "b"}}, slotsPerGpu=2),
+    }
+    cache = VerdictCache()
+    for _ in range(300):
+        action = rng.random()
+        name = rng.choice(sorted(nodes))
+        if action < 0.5:
+            nodes[name] = node(name, {NV: str(rng.randint(0, 8))}, {"pool": rng.choice("ab")})
+        elif action < 0.7:
+            nodes.pop(name)
+            added = f"x{rng.randint(0, 99)}"
+            nodes[added] = node(added, {"amd.com/gpu": "2", NV: "1"})
+        elif action < 0.8:
+            policies["q"] = policy("q", age=1, slotsPerGpu=rng.randint(1, 3))
+        cached = desired_limits(policies.values(), nodes.values(), cache)
+        assert cached == desired_limits(policies.values(), nodes.values())
+    assert len(cache.entries) == len(policies) * len(nodes)  # nothing stale is kept
