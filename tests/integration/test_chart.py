@@ -18,6 +18,8 @@ from prefect_gpu_operator.sandbox.controlplane import ControlPlane
 from prefect_gpu_operator.sandbox.tools import tools_bin
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
+from tests.support.waiting import eventually
+from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
 
 pytestmark = pytest.mark.integration
 
@@ -322,16 +324,20 @@ def test_operator_runs_with_the_charts_service_account(
     prefect_api_url: str,
     tmp_path: Path,
 ) -> None:
+    """Everything the operator does, done with the chart's ServiceAccount token only."""
     kubeconfig = _service_account_kubeconfig(run, control_plane, tmp_path / "sa-kubeconfig")
+    endpoint = WebhookEndpoint(tmp_path, name="chart-rbac-test")
     operator = OperatorProcess(
         kubeconfig,
         tmp_path / "operator.log",
         namespace=NAMESPACE,
-        extra_env={"PREFECT_GPU_OPERATOR_PEERING": RELEASE},
+        extra_env={"PREFECT_GPU_OPERATOR_PEERING": RELEASE, **endpoint.operator_env()},
     ).start()
     policies = Policies(kube_api)
+    pods = Pods(kube_api)
     reader = PrefectLimitsReader(prefect_api_url)
     try:
+        operator.process.wait_ready(endpoint.serving, timeout=30)
         gpu_nodes.create("rbac-a", 4, labels={"pool": "rbac"})
         policies.create(
             "rbac",
@@ -343,6 +349,18 @@ def test_operator_runs_with_the_charts_service_account(
         expect_limits(reader, "gpu:rbac-", {"gpu:rbac-a": 4}, timeout=30)
         gpu_nodes.set_gpus("rbac-a", 2)
         expect_limits(reader, "gpu:rbac-", {"gpu:rbac-a": 2})
+
+        # The webhook it serves injects WORKER_ID; its read-only pod watch reports the worker.
+        endpoint.register(kube_api, ["kube-system", NAMESPACE])
+        worker = {"app.kubernetes.io/name": "prefect-worker"}
+
+        def injected() -> None:
+            pod = pods.create(f"rbac-worker-{len(pods.created)}", worker, node="rbac-a")
+            assert worker_ids(pod)["main"] == [WORKER_ID_VAR]
+
+        eventually(injected, timeout=20, interval=0.5)
+        eventually(lambda: _reports_worker(policies, "rbac", "rbac-a"), timeout=15)
+
         policies.delete_all()
         assert reader.limits("gpu:rbac-") == {}
         # The chart's default policy (its server is unreachable here) owns nothing, so the
@@ -353,6 +371,13 @@ def test_operator_runs_with_the_charts_service_account(
         ]
         assert forbidden == []
     finally:
+        endpoint.unregister(kube_api)
+        pods.delete_all()
         policies.delete_all()
         operator.stop()
         reader.close()
+
+
+def _reports_worker(policies: Policies, name: str, node: str) -> None:
+    workers = policies.status(name).get("workers") or []
+    assert node in [entry["node"] for entry in workers]
