@@ -4,8 +4,6 @@ the MutatingWebhookConfiguration the chart will render, and pods created through
 from __future__ import annotations
 
 import base64
-import socket
-import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +11,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from prefect_gpu_operator.sandbox.pki import CertificateAuthority
-from prefect_gpu_operator.sandbox.processes import free_port
+from prefect_gpu_operator.demo_webhook import WebhookEndpoint as DemoWebhookEndpoint
 from prefect_gpu_operator.webhook import OPT_LABEL, WEBHOOK_PATH
 
 __all__ = ["WORKER_ID_VAR", "Pods", "WebhookEndpoint", "worker_ids"]
@@ -25,39 +22,14 @@ WORKER_ID_VAR = {
 }
 
 
-class WebhookEndpoint:
-    """A serving certificate for 127.0.0.1, a free port, and the MWC that points at them."""
+class WebhookEndpoint(DemoWebhookEndpoint):
+    """The demo's endpoint (certificate for 127.0.0.1, free port, operator settings), registered as
+    ONE catch-all webhook: the tests exercise the handler's own choice of pods, not the chart's
+    objectSelectors."""
 
     def __init__(self, directory: Path, name: str = "prefect-gpu-operator-test") -> None:
+        super().__init__(directory)
         self.name = name
-        self.port = free_port()
-        ca = CertificateAuthority("prefect-gpu-operator-webhook-ca")
-        self.ca_pem = ca.cert_pem
-        self.cert_file = directory / "webhook.crt"
-        self.key_file = directory / "webhook.key"
-        ca.issue_server("127.0.0.1", ["127.0.0.1"]).write(self.cert_file, self.key_file)
-
-    def operator_env(self) -> dict[str, str]:
-        return {
-            "PREFECT_GPU_OPERATOR_WEBHOOK_ENABLED": "true",
-            "PREFECT_GPU_OPERATOR_WEBHOOK_ADDRESS": "127.0.0.1",
-            "PREFECT_GPU_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
-            "PREFECT_GPU_OPERATOR_WEBHOOK_PORT": str(self.port),
-            "PREFECT_GPU_OPERATOR_WEBHOOK_CERT_FILE": str(self.cert_file),
-            "PREFECT_GPU_OPERATOR_WEBHOOK_KEY_FILE": str(self.key_file),
-        }
-
-    def serving(self) -> bool:
-        """True once the operator answers TLS handshakes with the certificate the CA signed."""
-        context = ssl.create_default_context(cadata=self.ca_pem.decode())
-        try:
-            with (
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw,
-                context.wrap_socket(raw, server_hostname="127.0.0.1"),
-            ):
-                return True
-        except OSError:
-            return False
 
     def configuration(self, excluded_namespaces: Sequence[str]) -> dict[str, Any]:
         """Shaped like the chart's MWC, but with a URL instead of a Service."""
