@@ -11,23 +11,30 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_operator.sandbox.pki import CertificateAuthority
 from prefect_gpu_operator.sandbox.processes import free_port, wait_until
 from prefect_gpu_operator.webhook import OPT_LABEL, WEBHOOK_PATH, WORKER_ID
 
-__all__ = ["WORKER_POD_LABELS", "WebhookEndpoint", "WorkerPod", "create_worker_pod"]
+__all__ = [
+    "POD_SELECTORS",
+    "WORKER_POD_LABELS",
+    "WebhookEndpoint",
+    "WorkerPod",
+    "create_worker_pod",
+]
 
 # The labels of the pods of PrefectHQ's prefect-worker Helm chart.
 WORKER_POD_LABELS = {"app.kubernetes.io/name": "prefect-worker"}
 # The chart's default webhook.podSelectors: one webhook per selector, so they are ORed.
-_POD_SELECTORS: list[dict[str, Any]] = [
+POD_SELECTORS: list[dict[str, Any]] = [
     {"matchLabels": {"app.kubernetes.io/name": "prefect-worker"}},
     {"matchLabels": {"app.kubernetes.io/component": "worker"}},
     {"matchExpressions": [{"key": "prefect.io/flow-run-id", "operator": "Exists"}]},
@@ -38,9 +45,15 @@ _POD_SELECTORS: list[dict[str, Any]] = [
 class WebhookEndpoint:
     """The operator's webhook on 127.0.0.1: serving certificate, operator settings, and the MWC."""
 
-    name = "prefect-gpu-operator-demo"
-
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str = "prefect-gpu-operator-demo",
+        pod_selectors: Sequence[Mapping[str, Any]] = POD_SELECTORS,
+    ) -> None:
+        """``pod_selectors``: one webhook each (ORed); ``[{}]`` sends every pod to the handler."""
+        self.name = name
+        self.pod_selectors = pod_selectors
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         ca = CertificateAuthority("prefect-gpu-operator-webhook-ca")
@@ -75,10 +88,10 @@ class WebhookEndpoint:
         except OSError:
             return False
 
-    def configuration(self, excluded_namespaces: list[str]) -> dict[str, Any]:
+    def configuration(self, excluded_namespaces: Sequence[str]) -> dict[str, Any]:
         """The chart's MutatingWebhookConfiguration with ``clientConfig.url`` for its Service."""
         webhooks = []
-        for index, selector in enumerate(_POD_SELECTORS):
+        for index, selector in enumerate(self.pod_selectors):
             object_selector: dict[str, Any] = {
                 "matchExpressions": [
                     {"key": OPT_LABEL, "operator": "NotIn", "values": ["false"]},
@@ -114,7 +127,7 @@ class WebhookEndpoint:
                             {
                                 "key": "kubernetes.io/metadata.name",
                                 "operator": "NotIn",
-                                "values": excluded_namespaces,
+                                "values": list(excluded_namespaces),
                             }
                         ]
                     },
@@ -128,12 +141,20 @@ class WebhookEndpoint:
             "webhooks": webhooks,
         }
 
-    def register(self, api: client.ApiClient, excluded_namespaces: list[str]) -> None:
+    def register(self, api: client.ApiClient, excluded_namespaces: Sequence[str]) -> None:
         admission = client.AdmissionregistrationV1Api(api)
         # The client sends a plain dict as it is.
         admission.create_mutating_webhook_configuration(
             self.configuration(excluded_namespaces)  # type: ignore[arg-type]
         )
+
+    def unregister(self, api: client.ApiClient) -> None:
+        admission = client.AdmissionregistrationV1Api(api)
+        try:
+            admission.delete_mutating_webhook_configuration(self.name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
 
 @dataclass(frozen=True)

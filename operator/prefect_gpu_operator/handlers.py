@@ -79,11 +79,10 @@ async def pod_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) ->
 
 
 @kopf.on.event(*POLICIES)
-async def policy_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def policy_deleted(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    # Additions and changes reach the operator through the index above, on every event.
     if type == "DELETED":
         _operator(memo).forget_policy(body["metadata"]["name"])
-    else:
-        _operator(memo).observe_policy(body)
 
 
 def _post(body: kopf.Body, events: list[Event]) -> None:

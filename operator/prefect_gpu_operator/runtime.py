@@ -110,6 +110,7 @@ class Operator:
         self._servers: dict[tuple[str, str | None], PrefectLimits] = {}
         self._observed: dict[str, dict[str, ObservedLimit]] = {}
         self._verdicts = VerdictCache()
+        self._api_keys: dict[tuple[str, str], str] = {}  # (Secret, key) -> value; never logged
         self.workers = WorkerPods(Injection.from_settings(settings))
 
     # --- what the watches tell us ------------------------------------------------------------
@@ -185,13 +186,18 @@ class Operator:
 
     # --- Prefect -------------------------------------------------------------------------------
 
-    async def _server(self, reference: PrefectServerReference) -> PrefectLimits:
+    async def _server(self, reference: PrefectServerReference, full: bool) -> PrefectLimits:
         api_key: str | None = None
         if reference.api_key is not None:
             selector = reference.api_key.value_from.secret_key_ref
-            api_key = await self.kube.read_secret_key(
-                self.settings.namespace, selector.name, selector.key
-            )
+            secret = (selector.name, selector.key)
+            # Read on full reconciles only (a rotated key is picked up at the next resync), not
+            # on every node change.
+            if full or secret not in self._api_keys:
+                self._api_keys[secret] = await self.kube.read_secret_key(
+                    self.settings.namespace, selector.name, selector.key
+                )
+            api_key = self._api_keys[secret]
         key = (reference.api_url, api_key)
         if key not in self._servers:
             self._servers[key] = PrefectLimits(
@@ -262,7 +268,7 @@ class Operator:
         events: list[Event] = []
         plan: Plan | None = None
         try:
-            server = await self._server(spec.server)
+            server = await self._server(spec.server, full)
             observed = await self._observe_prefect(server, full)
             try:
                 desired = PolicyDesired() if deleting else self._desired(name)

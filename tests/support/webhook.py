@@ -3,7 +3,6 @@ the MutatingWebhookConfiguration the chart will render, and pods created through
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_operator.demo_webhook import WebhookEndpoint as DemoWebhookEndpoint
-from prefect_gpu_operator.webhook import OPT_LABEL, WEBHOOK_PATH
 
 __all__ = ["WORKER_ID_VAR", "Pods", "WebhookEndpoint", "worker_ids"]
 
@@ -28,65 +26,7 @@ class WebhookEndpoint(DemoWebhookEndpoint):
     objectSelectors."""
 
     def __init__(self, directory: Path, name: str = "prefect-gpu-operator-test") -> None:
-        super().__init__(directory)
-        self.name = name
-
-    def configuration(self, excluded_namespaces: Sequence[str]) -> dict[str, Any]:
-        """Shaped like the chart's MWC, but with a URL instead of a Service."""
-        return {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": self.name},
-            "webhooks": [
-                {
-                    "name": "inject-worker-id.prefectgpu.io",
-                    "clientConfig": {
-                        "url": f"https://127.0.0.1:{self.port}{WEBHOOK_PATH}",
-                        "caBundle": base64.b64encode(self.ca_pem).decode(),
-                    },
-                    "rules": [
-                        {
-                            "apiGroups": [""],
-                            "apiVersions": ["v1"],
-                            "operations": ["CREATE"],
-                            "resources": ["pods"],
-                            "scope": "Namespaced",
-                        }
-                    ],
-                    "failurePolicy": "Ignore",
-                    "matchPolicy": "Equivalent",
-                    "sideEffects": "None",
-                    "timeoutSeconds": 5,
-                    "admissionReviewVersions": ["v1"],
-                    "reinvocationPolicy": "Never",
-                    "namespaceSelector": {
-                        "matchExpressions": [
-                            {
-                                "key": "kubernetes.io/metadata.name",
-                                "operator": "NotIn",
-                                "values": list(excluded_namespaces),
-                            }
-                        ]
-                    },
-                    "objectSelector": {
-                        "matchExpressions": [
-                            {"key": OPT_LABEL, "operator": "NotIn", "values": ["false"]}
-                        ]
-                    },
-                }
-            ],
-        }
-
-    def register(self, api: client.ApiClient, excluded_namespaces: Sequence[str]) -> None:
-        admission = client.AdmissionregistrationV1Api(api)
-        admission.create_mutating_webhook_configuration(self.configuration(excluded_namespaces))
-
-    def unregister(self, api: client.ApiClient) -> None:
-        try:
-            client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(self.name)
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        super().__init__(directory, name=name, pod_selectors=[{}])
 
 
 def worker_ids(pod: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
