@@ -17,6 +17,7 @@ tools: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check operator flows tests
 	$(BIN)/mypy
 
 unit: install

@@ -479,9 +479,7 @@ class _Claim:
             slot.write(None)
             records[slot.index] = None
 
-    def _attach(
-        self, chosen: list[SlotFile], records: dict[int, LeaseRecord | None]
-    ) -> _Holding:
+    def _attach(self, chosen: list[SlotFile], records: dict[int, LeaseRecord | None]) -> _Holding:
         holding = _Holding(self.config, chosen)
         try:
             for slot in chosen:

@@ -22,7 +22,10 @@ def _run(*argv: str, kubeconfig: Path | None = None) -> str:
     tool, *rest = argv
     result = subprocess.run(
         [str(tools_bin() / tool), *env_args, *rest],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return result.stdout
 
@@ -49,9 +52,7 @@ def test_allocatable_changes_through_status_subresource(
 
 
 def test_other_gpu_resources(gpu_nodes: NodeFactory, core_v1: client.CoreV1Api) -> None:
-    gpu_nodes.create(
-        "gpu-1.example.com", resources={"nvidia.com/mig-1g.10gb": 7, "amd.com/gpu": 2}
-    )
+    gpu_nodes.create("gpu-1.example.com", resources={"nvidia.com/mig-1g.10gb": 7, "amd.com/gpu": 2})
     allocatable = core_v1.read_node("gpu-1.example.com").status.allocatable
     assert (allocatable["nvidia.com/mig-1g.10gb"], allocatable["amd.com/gpu"]) == ("7", "2")
 

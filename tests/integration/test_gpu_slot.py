@@ -53,6 +53,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def holds_throughout(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Check ``condition`` keeps holding for ``seconds``: the opposite of ``wait_for``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not condition():
+            pytest.fail(f"{what}: stopped holding before {seconds} s")
+        time.sleep(0.05)
+
+
 def in_thread(target: Callable[[], None]) -> threading.Thread:
     """Start ``target`` in a thread that sees this test's Prefect settings (a context variable)."""
     thread = threading.Thread(target=contextvars.copy_context().run, args=(target,))
@@ -122,9 +131,7 @@ def entered(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def node(
-    prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Node]:
+def node(prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     worker_id = f"node-{os.getpid()}-{next(_names)}"
     monkeypatch.setenv("WORKER_ID", worker_id)
     monkeypatch.setenv("PREFECT_GPU_LOCK_DIR", str(tmp_path / "locks"))
@@ -248,14 +255,15 @@ def test_lowered_limit_admits_nobody_until_holders_drop_below_it(
     node.set_limit(1)
     node.start_holder(third, "--hold", "0")
     wait_for(lambda: len(read_events(third)) >= 1, 60, "third holder started")
-    time.sleep(1.5)  # longer than a waiter's limit refresh: it must still be outside
-    assert not entered(third)
+    # Longer than a waiter's limit refresh: it must stay outside all along.
+    holds_throughout(lambda: not entered(third), 1.5, "third holder kept out")
 
     (tmp_path / "release-1").touch()
     wait_for(lambda: len(read_events(first)) == 3, 10, "first holder left")
-    time.sleep(1.5)  # one holder left = the new limit: still no room
-    assert not entered(third)
-    assert node.active_slots() <= 1
+    # One holder left = the new limit: still no room.
+    holds_throughout(
+        lambda: not entered(third) and node.active_slots() <= 1, 1.5, "no room at the new limit"
+    )
 
     (tmp_path / "release-2").touch()
     wait_for(lambda: len(entered(third)) == 1, 10, "third holder entered after the second left")
@@ -300,12 +308,14 @@ def test_slot_left_at_limit_zero_stays_adoptable_and_is_released_once_raised(
     with gpu_slot(timeout_seconds=5):
         node.set_limit(0)
     slot = node.lock_dir / node.worker_id / "slot-0.lock"
-    time.sleep(1.5)  # past the keeper's first release attempts: the lease must still be there
-    assert node.active_slots() == 1
-    assert slot.read_text(), "a lease the server still counts was dropped from the slot file"
+    # Past the keeper's first release attempts, the lease the server still counts stays on file.
+    holds_throughout(
+        lambda: node.active_slots() == 1 and bool(slot.read_text()), 1.5, "lease kept on the slot"
+    )
     node.set_limit(1)
+    # The keeper releases on the server first, then clears the file: wait for both.
     wait_for(lambda: node.active_slots() == 0, 5, "lease released once the limit was raised")
-    assert not slot.read_text()
+    wait_for(lambda: not slot.read_text(), 5, "slot file cleared after the release")
 
 
 def test_exiting_holder_releases_its_lease_while_the_gate_stays_busy(
@@ -343,6 +353,7 @@ def test_timeout_raises_gpu_slot_timeout(node: Node) -> None:
 
 def test_exception_inside_the_block_releases_both(node: Node) -> None:
     node.create_limit(1)
+
     def crash() -> None:
         with gpu_slot():
             assert node.active_slots() == 1
@@ -372,12 +383,16 @@ def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await waiter
 
+        inside = asyncio.Event()
+
         async def hold_forever() -> None:
-            async with async_gpu_slot():
+            async with async_gpu_slot() as lease:
+                assert lease.devices == (0,)
+                inside.set()
                 await asyncio.sleep(3600)
 
         holder = asyncio.create_task(hold_forever())
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(inside.wait(), 10)
         assert not node.slot_free(0)
         holder.cancel()
         with pytest.raises(asyncio.CancelledError):

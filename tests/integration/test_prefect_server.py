@@ -20,7 +20,10 @@ def test_gcl_round_trip(prefect_api_url: str) -> None:
             )
             limit = await prefect.read_global_concurrency_limit_by_name("gpu:node-a")
             assert (limit.name, limit.limit, limit.active, limit.active_slots) == (
-                "gpu:node-a", 4, True, 0
+                "gpu:node-a",
+                4,
+                True,
+                0,
             )
             await prefect.delete_global_concurrency_limit_by_name("gpu:node-a")
             with pytest.raises(ObjectNotFound):

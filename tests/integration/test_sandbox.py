@@ -19,13 +19,11 @@ CLI = [sys.executable, "-m", "prefect_gpu_operator.cli"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=300, check=False
-    )
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def _sourced(env_file: Path, variable: str) -> str:
-    shell = f"source {env_file} && printf %s \"${variable}\""
+    shell = f'source {env_file} && printf %s "${variable}"'
     return subprocess.run(
         ["bash", "-c", shell], capture_output=True, text=True, check=True, env={}
     ).stdout
@@ -47,12 +45,18 @@ def test_sandbox_lifecycle(tmp_path: Path) -> None:
 
         nodes = subprocess.run(
             [str(tools_bin() / "kubectl"), f"--kubeconfig={kubeconfig}", "get", "namespaces"],
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         assert "kube-system" in nodes.stdout
         prefect = subprocess.run(
             [str(Path(sys.executable).with_name("prefect")), "gcl", "ls"],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
             env={**os.environ, "PREFECT_API_URL": api_url},
         )
         assert prefect.returncode == 0, prefect.stdout + prefect.stderr

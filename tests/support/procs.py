@@ -25,7 +25,7 @@ def _parents() -> dict[int, tuple[int, str, str]]:
 
 def _command_line(pid: int) -> str:
     try:
-        return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except (FileNotFoundError, ProcessLookupError):
         return ""
 

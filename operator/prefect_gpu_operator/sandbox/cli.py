@@ -47,7 +47,7 @@ def sandbox_up(directory: Path) -> dict[str, Any]:
     (directory / "env").write_text(
         f"export KUBECONFIG={shlex.quote(str(directory / 'kubeconfig'))}\n"
         f"export PREFECT_API_URL={shlex.quote(prefect.api_url)}\n"
-        f"export PATH={shlex.quote(str(ensure_tools()))}:\"$PATH\"\n"
+        f'export PATH={shlex.quote(str(ensure_tools()))}:"$PATH"\n'
     )
     return state
 
