@@ -56,7 +56,6 @@ import json
 import math
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -290,8 +289,7 @@ class OperatorControl:
         self.current.start()
 
     def restart(self) -> None:
-        os.killpg(self.current.process.pid, signal.SIGKILL)
-        self.current.stop()  # reaps it
+        self.current.kill()
         self.current = self._new()
         self.current.start()
 

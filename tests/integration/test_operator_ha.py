@@ -101,8 +101,10 @@ def test_one_replica_reconciles_and_the_other_takes_over(
         expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 2, "gpu:ha-b": 8}, timeout=LIFETIME + 30)
         takeover = time.monotonic() - killed
         assert _reconciles(standby) > 0
-        # The standby resumes once the killed replica's record expires (lifetime), then converges.
-        assert takeover < LIFETIME + 20, f"takeover took {takeover:.1f} s"
+        # SIGKILL leaves the killed replica's peering record behind (a SIGTERM would remove it):
+        # the standby resumes only once that record expires, then converges. The record was
+        # refreshed at most ~1 s before the kill (kopf's keepalive for a short lifetime).
+        assert LIFETIME - 2 <= takeover < LIFETIME + 20, f"takeover took {takeover:.1f} s"
         print(f"\ntakeover after SIGKILL: {takeover:.1f} s (peering lifetime {LIFETIME} s)")
         eventually(lambda: _nodes(policies, 2), timeout=10)
         policies.delete_all()  # the standby, now active, releases the limits

@@ -76,7 +76,7 @@ class OperatorProcess:
 
     def kill(self) -> None:
         """SIGKILL, as a node failure or OOM would."""
-        self.process.stop(timeout=0)
+        self.process.kill()
 
     def stop(self) -> None:
         self.process.stop()

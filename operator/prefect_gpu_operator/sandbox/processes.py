@@ -147,3 +147,16 @@ class ServerProcess:
         stop_process_group(self._popen.pid, timeout=timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once, as a node failure or the OOM killer would.
+
+        No handler runs, so nothing is cleaned up on the way out (``stop`` sends SIGTERM first).
+        """
+        if self._popen is None:
+            return
+        pgid = self._popen.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        wait_until(lambda: not group_members(pgid), timeout=5, what=f"process group {pgid}")
+        self._popen.wait(timeout=5)
