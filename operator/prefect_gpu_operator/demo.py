@@ -283,7 +283,7 @@ def run_demo(directory: Path) -> None:
             core.create_node(_simulated_node(name, gpus))
             _step(f"created simulated node {name} with nvidia.com/gpu={gpus or 'none'}")
         webhook = WebhookEndpoint(directory / "webhook")
-        _step("made the webhook's CA and serving certificate for 127.0.0.1 (sandbox/pki.py)")
+        _step("made the webhook's CA and serving certificate for 127.0.0.1 (pki.py)")
         with _operator(plane.kubeconfig, directory, webhook):
             webhook.register(api, ["kube-system", OPERATOR_NAMESPACE])
             _step(

@@ -19,7 +19,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from prefect_gpu_operator.sandbox.pki import CertificateAuthority
+from prefect_gpu_operator.pki import CertificateAuthority
 from prefect_gpu_operator.sandbox.processes import free_port, wait_until
 from prefect_gpu_operator.webhook import OPT_LABEL, WEBHOOK_PATH, WORKER_ID
 

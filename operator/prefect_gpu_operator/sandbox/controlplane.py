@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from prefect_gpu_operator.sandbox.pki import CertificateAuthority, write_service_account_key
+from prefect_gpu_operator.pki import CertificateAuthority, write_service_account_key
 from prefect_gpu_operator.sandbox.processes import ServerProcess, free_port
 from prefect_gpu_operator.sandbox.tools import ensure_tools
 

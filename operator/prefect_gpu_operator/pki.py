@@ -1,4 +1,4 @@
-"""Certificates for the local control plane and the admission webhook, made with cryptography."""
+"""Certificates made with cryptography: the local control plane's and the admission webhook's."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _name(common_name: str, organizations: tuple[str, ...] = ()) -> x509.Name:
 class CertificateAuthority:
     """A self-signed CA that issues serving and client certificates."""
 
-    def __init__(self, common_name: str) -> None:
+    def __init__(self, common_name: str, validity: datetime.timedelta = _VALIDITY) -> None:
+        self.validity = validity  # of the CA and of every certificate it issues
         self._key = _new_key()
         now = datetime.datetime.now(datetime.UTC)
         self._cert = (
@@ -61,7 +62,7 @@ class CertificateAuthority:
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -113,7 +114,7 @@ class CertificateAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + self.validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
