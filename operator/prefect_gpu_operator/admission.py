@@ -3,7 +3,8 @@
 It runs in the operator process (``prefect-gpu-operator run``). The chart owns the
 MutatingWebhookConfiguration (``service`` + ``path: /inject-worker-id``, failurePolicy Ignore, a
 short timeout, kube-system and the operator's namespace excluded), so kopf never manages one:
-``settings.admission.managed`` stays None and the operator needs no RBAC on webhook configurations.
+``settings.admission.managed`` stays None. Its certificate comes from Helm or cert-manager, or from
+the operator itself (``webhook_tls.py``), which then only patches that one configuration's CA.
 The handler makes no API call and never raises: a pod it cannot handle is admitted unchanged.
 """
 
@@ -18,9 +19,11 @@ from typing import Any
 import jsonpatch
 import kopf
 
+from prefect_gpu_operator.kube import api_client
 from prefect_gpu_operator.metrics import ADMISSION_SECONDS, ADMISSIONS
 from prefect_gpu_operator.settings import OperatorSettings
 from prefect_gpu_operator.webhook import WEBHOOK_ID, Injection
+from prefect_gpu_operator.webhook_tls import ensure_webhook_tls
 
 __all__ = ["configure_webhook", "inject_worker_id"]
 
@@ -34,13 +37,16 @@ async def _no_server(_: Any) -> AsyncIterator[Any]:
     yield {}  # pragma: no cover  (makes this an async generator; never reached)
 
 
-@kopf.on.startup()
+# Retried until it succeeds: an API server that is not reachable yet is no reason to crash.
+@kopf.on.startup(errors=kopf.ErrorsMode.TEMPORARY, backoff=5)
 async def configure_webhook(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     config = OperatorSettings()
     memo.injection = Injection.from_settings(config)
     if not config.webhook_enabled:
         settings.admission.server = _no_server
         return
+    if config.webhook_tls_secret:
+        await asyncio.to_thread(_make_certificate, config)
     settings.admission.server = kopf.WebhookServer(
         addr=config.webhook_address,
         port=config.webhook_port,
@@ -81,6 +87,20 @@ async def inject_worker_id(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: A
     finally:
         ADMISSIONS.labels(result).inc()
         ADMISSION_SECONDS.observe(time.perf_counter() - started)
+
+
+def _make_certificate(config: OperatorSettings) -> None:
+    assert config.webhook_tls_secret
+    assert config.webhook_cert_file
+    assert config.webhook_key_file
+    tls = ensure_webhook_tls(
+        api_client(),
+        namespace=config.namespace,
+        secret_name=config.webhook_tls_secret,
+        hosts=config.webhook_tls_hosts,
+        configuration=config.webhook_configuration,
+    )
+    tls.write(config.webhook_cert_file, config.webhook_key_file)
 
 
 def _apply(raw: kopf.RawBody, ops: list[dict[str, Any]]) -> None:

@@ -19,6 +19,7 @@ from prefect_gpu_operator.desired import GPUNode
 __all__ = [
     "Kube",
     "SecretNotFound",
+    "api_client",
     "gpu_node",
 ]
 
@@ -42,7 +43,8 @@ def gpu_node(body: Mapping[str, Any]) -> GPUNode:
     )
 
 
-def _api_client() -> client.ApiClient:
+def api_client() -> client.ApiClient:
+    """In the cluster: the pod's ServiceAccount; outside it: the kubeconfig."""
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
@@ -54,7 +56,7 @@ class Kube:
     """Reads nodes and Secrets, writes policy status."""
 
     def __init__(self, api: client.ApiClient | None = None) -> None:
-        self.api = api or _api_client()
+        self.api = api or api_client()
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 

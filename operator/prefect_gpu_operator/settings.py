@@ -96,6 +96,23 @@ class OperatorSettings(BaseSettings):
     webhook_key_file: Path | None = Field(
         default=None, description="PEM private key of webhook_cert_file."
     )
+    webhook_tls_secret: str | None = Field(
+        default=None,
+        description="Make the webhook's certificate here: a Secret in the operator's namespace "
+        "that the first replica creates with a self-signed CA and a serving certificate for "
+        "webhook_tls_hosts; every replica writes it to webhook_cert_file and webhook_key_file. "
+        "Unset: those files come from elsewhere (Helm or cert-manager).",
+    )
+    webhook_tls_hosts: list[str] = Field(
+        default=[],
+        description="With webhook_tls_secret: the DNS names and IP addresses the certificate is "
+        "made for (the webhook Service's names).",
+    )
+    webhook_configuration: str | None = Field(
+        default=None,
+        description="With webhook_tls_secret: the MutatingWebhookConfiguration whose webhooks get "
+        "the CA as caBundle at start-up.",
+    )
     inject_pod_selectors: list[str] = Field(
         default=[
             "app.kubernetes.io/name=prefect-worker",
@@ -123,4 +140,6 @@ class OperatorSettings(BaseSettings):
         # apiserver must trust the certificate anyway: it comes from the chart (cert-manager).
         if self.webhook_enabled and None in (self.webhook_cert_file, self.webhook_key_file):
             raise ValueError("webhook_enabled needs webhook_cert_file and webhook_key_file")
+        if self.webhook_tls_secret and not self.webhook_tls_hosts:
+            raise ValueError("webhook_tls_secret needs webhook_tls_hosts (the Service's names)")
         return self

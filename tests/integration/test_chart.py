@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_operator.sandbox.controlplane import ControlPlane
 from prefect_gpu_operator.sandbox.tools import tools_bin
@@ -84,20 +86,6 @@ def _documents(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-_TLS_KEYS = ("ca.crt", "tls.crt", "tls.key")
-
-
-def _mask_minted_tls(doc: dict[str, Any]) -> dict[str, Any]:
-    """The self-signed webhook certificate is minted anew on every render: compare the rest."""
-    if doc.get("kind") == "Secret" and doc.get("type") == "kubernetes.io/tls":
-        doc["data"] = {key: "<minted>" for key in doc.get("data", {})}
-    for webhook in (
-        doc.get("webhooks", []) if doc.get("kind") == "MutatingWebhookConfiguration" else []
-    ):
-        webhook["clientConfig"]["caBundle"] = "<minted>"
-    return doc
-
-
 def test_helm_lint_is_clean(run: Run) -> None:
     result = run("helm", "lint", "--strict", str(CHART))
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
@@ -116,16 +104,57 @@ def test_manifests_match_the_chart(run: Run, tmp_path: Path) -> None:
     committed = sorted((REPO / "manifests").glob("*.yaml"))
     assert [p.name for p in committed] == sorted(p.name for p in tmp_path.glob("*.yaml"))
     for path in committed:
-        fresh = [_mask_minted_tls(d) for d in _documents((tmp_path / path.name).read_text())]
-        ours = [_mask_minted_tls(d) for d in _documents(path.read_text())]
+        fresh = _documents((tmp_path / path.name).read_text())
+        ours = _documents(path.read_text())
         assert ours == fresh, (
             f"manifests/{path.name} drifted from the chart: run charts/render-manifests.sh"
         )
+        # The operator makes the webhook's certificate: no key is rendered, none is committed.
+        assert "PRIVATE KEY" not in path.read_text()
+        assert "Secret" not in [doc["kind"] for doc in ours]
     crds = _documents((REPO / "manifests" / "01-crds.yaml").read_text())
     chart_crds = [
         d for p in sorted((CHART / "crds").glob("*.yaml")) for d in _documents(p.read_text())
     ]
     assert crds == chart_crds
+
+
+@pytest.mark.parametrize(
+    ("source", "kinds", "secret_rendered", "ca_rendered"),
+    [
+        ("helm", {"Secret"}, True, True),
+        ("operator", set(), False, False),
+        ("certManager", {"Issuer", "Certificate"}, False, False),
+    ],
+)
+def test_each_certificate_source_renders_its_own_tls(
+    run: Run, source: str, kinds: set[str], secret_rendered: bool, ca_rendered: bool
+) -> None:
+    rendered = run(
+        "helm", "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+        "--kube-version", "v1.37.1", "--set", f"webhook.tls.source={source}",
+    ).stdout  # fmt: skip
+    docs = _documents(rendered)
+    tls_kinds = {doc["kind"] for doc in docs} & {"Secret", "Issuer", "Certificate"}
+    assert tls_kinds == kinds
+    assert ("PRIVATE KEY" in base64_decoded_secrets(docs)) is secret_rendered
+    (configuration,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    has_ca = ["caBundle" in entry["clientConfig"] for entry in configuration["webhooks"]]
+    assert set(has_ca) == {ca_rendered}
+    annotations = configuration["metadata"].get("annotations", {})
+    assert ("cert-manager.io/inject-ca-from" in annotations) is (source == "certManager")
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {var["name"] for var in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert ("PREFECT_GPU_OPERATOR_WEBHOOK_TLS_SECRET" in env) is (source == "operator")
+
+
+def base64_decoded_secrets(docs: list[dict[str, Any]]) -> str:
+    return "".join(
+        base64.b64decode(value).decode()
+        for doc in docs
+        if doc["kind"] == "Secret"
+        for value in (doc.get("data") or {}).values()
+    )
 
 
 @pytest.mark.parametrize(
@@ -381,3 +410,82 @@ def test_operator_runs_with_the_charts_service_account(
 def _reports_worker(policies: Policies, name: str, node: str) -> None:
     workers = policies.status(name).get("workers") or []
     assert node in [entry["node"] for entry in workers]
+
+
+def test_operator_made_certificate_works_with_the_charts_rbac(
+    installed: str,
+    run: Run,
+    control_plane: ControlPlane,
+    kube_api: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """``webhook.tls.source=operator`` (what manifests/ use): with only the chart's token, the
+    operator makes its Secret and injects the CA into the chart's webhook configuration."""
+    secret = f"{RELEASE}-webhook-tls-operator"
+    core = client.CoreV1Api(kube_api)
+    operator_mode = ["--reuse-values", "--set", "webhook.tls.source=operator"]
+    run("helm", "upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, *operator_mode)
+    operator = None
+    try:
+        assert _can_i(run, "patch", f"mutatingwebhookconfigurations/{RELEASE}")
+        assert not _can_i(run, "patch", "mutatingwebhookconfigurations/another")
+        assert _can_i(run, "create", "secrets")
+        assert _can_i(run, "update", f"secrets/{secret}")
+        assert not _can_i(run, "update", "secrets/another")
+        assert not _can_i(run, "create", "secrets", namespace="default")
+        assert not _can_i(run, "list", "secrets")
+        webhook = json.loads(
+            run("kubectl", "get", "mutatingwebhookconfiguration", RELEASE, "-o", "json").stdout
+        )
+        assert all("caBundle" not in entry["clientConfig"] for entry in webhook["webhooks"])
+
+        # The operator's environment as the chart renders it, but out of cluster.
+        deployment = json.loads(
+            run("kubectl", "get", "deployment", RELEASE, "-n", NAMESPACE, "-o", "json").stdout
+        )
+        rendered = {
+            var["name"]: var["value"]
+            for var in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            if var["name"].startswith("PREFECT_GPU_OPERATOR_WEBHOOK_TLS")
+            or var["name"] == "PREFECT_GPU_OPERATOR_WEBHOOK_CONFIGURATION"
+        }
+        assert rendered["PREFECT_GPU_OPERATOR_WEBHOOK_TLS_SECRET"] == secret
+        assert f"{RELEASE}.{NAMESPACE}.svc" in json.loads(
+            rendered["PREFECT_GPU_OPERATOR_WEBHOOK_TLS_HOSTS"]
+        )
+        kubeconfig = _service_account_kubeconfig(run, control_plane, tmp_path / "sa-kubeconfig")
+        endpoint = WebhookEndpoint(tmp_path / "unused", name="unused")
+        operator = OperatorProcess(
+            kubeconfig,
+            tmp_path / "operator.log",
+            namespace=NAMESPACE,
+            extra_env={
+                **endpoint.operator_env(),
+                **rendered,
+                "PREFECT_GPU_OPERATOR_WEBHOOK_CERT_FILE": str(tmp_path / "tls" / "tls.crt"),
+                "PREFECT_GPU_OPERATOR_WEBHOOK_KEY_FILE": str(tmp_path / "tls" / "tls.key"),
+            },
+        ).start()
+
+        def injected() -> bytes:
+            data = core.read_namespaced_secret(secret, NAMESPACE).data
+            live = json.loads(
+                run("kubectl", "get", "mutatingwebhookconfiguration", RELEASE, "-o", "json").stdout
+            )
+            bundles = {entry["clientConfig"].get("caBundle") for entry in live["webhooks"]}
+            assert bundles == {data["ca.crt"]}
+            return base64.b64decode(data["tls.crt"])
+
+        cert = eventually(injected, timeout=30, interval=0.5)
+        assert (tmp_path / "tls" / "tls.crt").read_bytes() == cert
+        forbidden = [
+            line for line in operator.log().splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)
+        ]
+        assert forbidden == []
+    finally:
+        if operator is not None:
+            operator.stop()
+        helm_mode = ["--reuse-values", "--set", "webhook.tls.source=helm"]
+        run("helm", "upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, *helm_mode)
+        with contextlib.suppress(ApiException):  # absent if the operator never made it
+            core.delete_namespaced_secret(secret, NAMESPACE)

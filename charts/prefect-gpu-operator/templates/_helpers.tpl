@@ -42,8 +42,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{- /* The operator's own certificate has its own name: Helm never owns it, so switching the
+     source either way never makes Helm meet a Secret it did not create. */}}
 {{- define "prefect-gpu-operator.webhookSecretName" -}}
+{{- if eq .Values.webhook.tls.source "operator" }}
+{{- printf "%s-webhook-tls-operator" (include "prefect-gpu-operator.fullname" .) }}
+{{- else }}
 {{- printf "%s-webhook-tls" (include "prefect-gpu-operator.fullname" .) }}
+{{- end }}
 {{- end }}
 
 {{- define "prefect-gpu-operator.image" -}}
