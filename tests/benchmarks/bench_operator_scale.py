@@ -1,8 +1,9 @@
 """The operator at 1,000 GPU nodes: cold start, change latency, noise immunity, resync cost.
 
 Run: ``python tests/benchmarks/bench_operator_scale.py [--nodes 1000] [--rate 5] [--seconds 60]
-[--runs 1]`` (not collected by pytest). Each run starts its own etcd + kube-apiserver, Prefect
-server (SQLite) and operator on 127.0.0.1 and prints:
+[--runs 1] [--database sqlite|postgres]`` (not collected by pytest). Each run starts its own etcd +
+kube-apiserver, Prefect server (SQLite, or PostgreSQL from Debian's ``postgresql`` package) and
+operator on 127.0.0.1 and prints:
 
 1. cold start: nodes exist before the operator starts; seconds until every GCL is correct, the
    Prefect API calls it made, the operator's peak RSS;
@@ -33,10 +34,12 @@ from tests.support.operator import OperatorProcess
 
 from prefect_gpu_operator.crd import GROUP, PLURAL, VERSION, build_crd
 from prefect_gpu_operator.sandbox.controlplane import ControlPlane
+from prefect_gpu_operator.sandbox.postgres import PostgresServer
 from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
 from prefect_gpu_operator.sandbox.processes import wait_until
 
 PROFILE = ""
+DATABASE = "sqlite"
 RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "amd.com/gpu")
 
 
@@ -79,10 +82,15 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         root = Path(tmp)
         plane = ControlPlane(root / "cluster")
-        prefect = PrefectServer(root / "prefect")
+        postgres = PostgresServer() if DATABASE == "postgres" else None
+        prefect = PrefectServer(
+            root / "prefect", database_url=postgres.database_url if postgres else None
+        )
         operator: OperatorProcess | None = None
         try:
             plane.start()
+            if postgres is not None:
+                postgres.start()
             prefect.start()
             api = config.new_client_from_config(config_file=str(plane.kubeconfig))
             core = client.CoreV1Api(api)
@@ -256,6 +264,8 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
             if operator is not None:
                 operator.stop()
             prefect.stop()
+            if postgres is not None:
+                postgres.stop()
             plane.stop()
     return results
 
@@ -278,12 +288,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--profile", default="", help="py-spy the operator during the changes")
+    parser.add_argument(
+        "--database", choices=("sqlite", "postgres"), default="sqlite", help="Prefect's backend"
+    )
     args = parser.parse_args()
-    global PROFILE
+    global PROFILE, DATABASE
     PROFILE = args.profile
+    DATABASE = args.database
     runs = [run_once(args.nodes, args.rate, args.seconds, seed) for seed in range(args.runs)]
     print(
-        f"\n{args.nodes} nodes, {args.rate:g} changes/s for {args.seconds:g} s, {args.runs} run(s)"
+        f"\n{args.nodes} nodes, {args.rate:g} changes/s for {args.seconds:g} s, {args.runs} run(s),"
+        f" Prefect on {args.database}"
     )
     for key in runs[0]:
         values = [run[key] for run in runs]

@@ -1,4 +1,4 @@
-"""A real Prefect server on SQLite, bound to 127.0.0.1, with its own PREFECT_HOME."""
+"""A real Prefect server on 127.0.0.1 with its own PREFECT_HOME, on SQLite or a given database."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ __all__ = ["PrefectServer", "server_environment"]
 _READY_TIMEOUT = 120.0
 
 
-def server_environment(home: Path) -> dict[str, str]:
+def server_environment(home: Path, database_url: str | None = None) -> dict[str, str]:
     """Settings for a private, quiet server whose concurrency leases survive restarts."""
     return {
         "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": (
+            database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+        ),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
@@ -38,6 +40,7 @@ class PrefectServer:
     """``prefect server start`` in a process group; ``start()`` returns once /api/health is ok."""
 
     home: Path
+    database_url: str | None = None  # None: SQLite in ``home``
     port: int = field(default_factory=free_port)
     process: ServerProcess | None = None
 
@@ -52,7 +55,7 @@ class PrefectServer:
             for key, value in os.environ.items()
             if not key.startswith("PREFECT_")  # a caller's profile must not leak into the server
         }
-        env.update(server_environment(self.home))
+        env.update(server_environment(self.home, self.database_url))
         prefect = Path(sys.executable).with_name("prefect")
         self.process = ServerProcess(
             "prefect-server",
