@@ -4,7 +4,8 @@ Setup: 8 simulated GPU nodes (1-8 GPUs), a GPULimitPolicy pointing to a Prefect 
 owns, the real operator (resync 2 s) and, on every node, ``WORKERS_PER_NODE`` processes
 (``_chaos_worker``) that loop ``with gpu_slot(timeout_seconds=ATTEMPT_TIMEOUT)`` and log each
 attempt with ``time.monotonic()`` (one clock for all processes). For ``CHAOS_SECONDS`` (90 by
-default; set the environment variable for a longer run, ``CHAOS_SEED`` to replay one) a chaos
+default; set the environment variable for a longer run, ``CHAOS_SEED`` to replay one,
+``CHAOS_DATABASE=postgres`` to run Prefect on PostgreSQL instead of SQLite) a chaos
 loop changes allocatable GPUs up and down (including 0), deletes nodes and re-adds them, SIGKILLs
 and restarts the operator, and stops the Prefect server for a few seconds and restarts it. A
 poller reads every ``gpu:chaos-*`` limit from Prefect every ``POLL_SECONDS``.
@@ -70,6 +71,7 @@ from typing import Any
 import httpx
 import pytest
 
+from prefect_gpu_operator.sandbox.postgres import PostgresServer
 from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
 from prefect_gpu_operator.sandbox.processes import wait_until
 from tests.support.nodes import NodeFactory
@@ -82,6 +84,8 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = "tests.integration._chaos_worker"
 
 CHAOS_SECONDS = float(os.environ.get("CHAOS_SECONDS", "90"))
+# "postgres" runs Prefect on PostgreSQL (Debian's postgresql package must be installed).
+CHAOS_DATABASE = os.environ.get("CHAOS_DATABASE", "sqlite")
 NODE_GPUS = {f"chaos-{i}": gpus for i, gpus in enumerate([1, 2, 2, 3, 4, 4, 6, 8])}
 WORKERS_PER_NODE = 2
 POOL_LABEL = {"pool": "chaos"}
@@ -331,10 +335,17 @@ class Background:
 @pytest.fixture
 def chaos_prefect(tmp_path: Path) -> Iterator[PrefectServer]:
     """A Prefect server only this test uses, so it can stop and restart it (same port and DB)."""
-    server = PrefectServer(tmp_path / "prefect")
-    server.start()
-    yield server
-    server.stop()
+    with contextlib.ExitStack() as stack:
+        database_url = None
+        if CHAOS_DATABASE == "postgres":
+            postgres = PostgresServer()
+            stack.callback(postgres.stop)
+            postgres.start()
+            database_url = postgres.database_url
+        server = PrefectServer(tmp_path / "prefect", database_url=database_url)
+        stack.callback(server.stop)
+        server.start()
+        yield server
 
 
 @pytest.fixture
@@ -359,7 +370,7 @@ def test_never_oversubscribed_under_chaos(
 ) -> None:
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(2**31)))
     rng = random.Random(seed)
-    print(f"\nchaos: seed {seed}, {CHAOS_SECONDS:.0f} s")
+    print(f"\nchaos: seed {seed}, {CHAOS_SECONDS:.0f} s, Prefect on {CHAOS_DATABASE}")
     reader = PrefectLimitsReader(chaos_prefect.api_url)
     changes: list[Change] = []
     disruptions: list[Disruption] = []
