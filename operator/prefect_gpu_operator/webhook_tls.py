@@ -82,7 +82,8 @@ class WebhookTLS:
             str(address) for address in names.get_values_for_type(x509.IPAddress)
         }
         wanted = {_canonical(host) for host in hosts}
-        fresh = cert.not_valid_before_utc <= now < cert.not_valid_after_utc - RENEW_BEFORE
+        # The start is not checked: replicas with skewed clocks must not re-mint in turn.
+        fresh = now < cert.not_valid_after_utc - RENEW_BEFORE
         return wanted <= covered and fresh
 
     def write(self, cert_file: Path, key_file: Path) -> None:

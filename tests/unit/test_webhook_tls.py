@@ -16,7 +16,11 @@ from prefect_gpu_operator.webhook_tls import (
 )
 
 HOSTS = ["svc", "svc.ns", "svc.ns.svc", "127.0.0.1"]
-NOW = datetime.datetime.now(datetime.UTC)
+
+
+def now() -> datetime.datetime:
+    # At call time: the module is collected long before its tests run in a full session.
+    return datetime.datetime.now(datetime.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def test_minted_certificate_is_signed_by_its_ca_for_the_hosts(tls: WebhookTLS) -
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == HOSTS[:3]
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert cert.not_valid_after_utc - NOW > datetime.timedelta(days=3000)
+    assert cert.not_valid_after_utc - now() > datetime.timedelta(days=3000)
     assert b"PRIVATE KEY" in tls.key_pem
 
 
@@ -63,14 +67,14 @@ def test_incomplete_or_unreadable_secret_is_no_bundle(data: dict[str, str] | Non
 
 
 def test_serves_the_hosts_it_was_made_for(tls: WebhookTLS) -> None:
-    assert tls.serves(HOSTS, NOW)
-    assert tls.serves(["svc.ns.svc"], NOW)
-    assert tls.serves(["127.0.0.1"], NOW)
+    assert tls.serves(HOSTS, now())
+    assert tls.serves(["svc.ns.svc"], now())
+    assert tls.serves(["127.0.0.1"], now())
 
 
 def test_does_not_serve_another_host(tls: WebhookTLS) -> None:
-    assert not tls.serves([*HOSTS, "other.ns.svc"], NOW)
-    assert not tls.serves(["10.0.0.1"], NOW)
+    assert not tls.serves([*HOSTS, "other.ns.svc"], now())
+    assert not tls.serves(["10.0.0.1"], now())
 
 
 def test_certificate_near_its_end_is_replaced(tls: WebhookTLS) -> None:
@@ -81,7 +85,7 @@ def test_certificate_near_its_end_is_replaced(tls: WebhookTLS) -> None:
 
 
 def test_garbage_certificate_serves_nothing() -> None:
-    assert not WebhookTLS(b"x", b"not a certificate", b"y").serves(["svc"], NOW)
+    assert not WebhookTLS(b"x", b"not a certificate", b"y").serves(["svc"], now())
 
 
 def _configuration(*bundles: str | None) -> dict[str, object]:
