@@ -14,7 +14,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,32 @@ def _ledger(status: Mapping[str, Any]) -> tuple[LimitEntry, ...]:
     return tuple(LimitEntry.model_validate(entry) for entry in status.get("limits") or [])
 
 
+@dataclass(frozen=True)
+class Listing:
+    """Every limit on one server as a resync read them, and the names written meanwhile."""
+
+    api_url: str
+    limits: dict[str, ObservedLimit]
+    written_meanwhile: set[str]  # live: grows until the reconcile that uses it ends
+    error: PrefectUnreachable | None = None
+
+
+def newest_observation(
+    listed: Mapping[str, ObservedLimit],
+    cached: Mapping[str, ObservedLimit],
+    written_meanwhile: frozenset[str],
+) -> dict[str, ObservedLimit]:
+    """The listing, except for names the operator wrote while it was in flight: for those the
+    cache (which follows every write) is newer; absent from the cache means deleted."""
+    newest = dict(listed)
+    for name in written_meanwhile:
+        if name in cached:
+            newest[name] = cached[name]
+        else:
+            newest.pop(name, None)
+    return newest
+
+
 class Operator:
     """Nodes, policies, Prefect connections and the reconcile of one policy."""
 
@@ -109,6 +135,9 @@ class Operator:
         self.policies: dict[str, PolicyRecord] = {}
         self._servers: dict[tuple[str, str | None], PrefectLimits] = {}
         self._observed: dict[str, dict[str, ObservedLimit]] = {}
+        # Per server, while resync listings are in flight: names this operator wrote since.
+        self._listings: dict[str, int] = {}
+        self._written_during_listing: dict[str, set[str]] = {}
         self._verdicts = VerdictCache()
         self._api_keys: dict[tuple[str, str], str] = {}  # (Secret, key) -> value; never logged
         self.workers = WorkerPods(Injection.from_settings(settings))
@@ -205,10 +234,56 @@ class Operator:
             )
         return self._servers[key]
 
-    async def _observe_prefect(self, server: PrefectLimits, full: bool) -> dict[str, ObservedLimit]:
-        if full or server.api_url not in self._observed:
-            self._observed[server.api_url] = await server.list_all()
-        return self._observed[server.api_url]
+    async def _observe_prefect(
+        self, server: PrefectLimits, full: bool, listed: Listing | None = None
+    ) -> dict[str, ObservedLimit]:
+        url = server.api_url
+        if listed is not None and listed.api_url == url:
+            if listed.error is not None:
+                raise listed.error
+            self._observed[url] = newest_observation(
+                listed.limits, self._observed.get(url, {}), frozenset(listed.written_meanwhile)
+            )
+        elif full or url not in self._observed:
+            self._observed[url] = await server.list_all()
+        return self._observed[url]
+
+    async def _list_unlocked(
+        self, record: PolicyRecord, stack: contextlib.AsyncExitStack
+    ) -> Listing | None:
+        """A resync's read of Prefect, taken before the policy's lock: node changes applied
+        meanwhile are not held up by it (a 1,000-limit listing is several paged calls). Names
+        the operator writes from now until ``stack`` closes are noted, so their newer values win.
+        """
+        if record.policy is None:
+            return None
+        try:
+            server = await self._server(record.policy.spec.server, full=False)
+        except SecretNotFound:
+            return None  # the locked reconcile reads the Secret again and reports it
+        url = server.api_url
+        written = stack.enter_context(self._tracking_writes(url))
+        try:
+            limits = await server.list_all()
+        except PrefectUnreachable as error:
+            return Listing(url, {}, written, error)
+        return Listing(url, limits, written)
+
+    @contextlib.contextmanager
+    def _tracking_writes(self, url: str) -> Iterator[set[str]]:
+        self._listings[url] = self._listings.get(url, 0) + 1
+        written = self._written_during_listing.setdefault(url, set())
+        try:
+            yield written
+        finally:
+            self._listings[url] -= 1
+            if not self._listings[url]:
+                del self._listings[url]
+                del self._written_during_listing[url]
+
+    def _note_write(self, server: PrefectLimits, name: str) -> None:
+        if server.api_url in self._listings:
+            self._written_during_listing[server.api_url].add(name)
 
     async def close(self) -> None:
         await self.flush_all()
@@ -241,17 +316,27 @@ class Operator:
         record = self.policies.get(name)
         if record is None:
             return []
-        async with record.lock:
-            started = time.perf_counter()
-            trigger = "full" if full else "change"
-            RECONCILES.labels(name, trigger).inc()
-            try:
-                return await self._reconcile(name, record, full=full, deleting=deleting)
-            finally:
-                RECONCILE_SECONDS.labels(trigger).observe(time.perf_counter() - started)
+        started = time.perf_counter()
+        async with contextlib.AsyncExitStack() as stack:
+            listed = await self._list_unlocked(record, stack) if full and not deleting else None
+            async with record.lock:
+                trigger = "full" if full else "change"
+                RECONCILES.labels(name, trigger).inc()
+                try:
+                    return await self._reconcile(
+                        name, record, full=full, deleting=deleting, listed=listed
+                    )
+                finally:
+                    RECONCILE_SECONDS.labels(trigger).observe(time.perf_counter() - started)
 
     async def _reconcile(
-        self, name: str, record: PolicyRecord, *, full: bool, deleting: bool
+        self,
+        name: str,
+        record: PolicyRecord,
+        *,
+        full: bool,
+        deleting: bool,
+        listed: Listing | None = None,
     ) -> list[Event]:
         policy = record.policy
         generation = (
@@ -269,7 +354,7 @@ class Operator:
         plan: Plan | None = None
         try:
             server = await self._server(spec.server, full)
-            observed = await self._observe_prefect(server, full)
+            observed = await self._observe_prefect(server, full, listed)
             try:
                 desired = PolicyDesired() if deleting else self._desired(name)
             except LimitNameError as error:
@@ -312,6 +397,7 @@ class Operator:
         events: list[Event] = []
         for limit in plan.create:
             await server.create(limit.name, limit.limit, limit.slot_decay_per_second)
+            self._note_write(server, limit.name)
             observed[limit.name] = ObservedLimit(
                 limit.name, limit.limit, True, limit.slot_decay_per_second
             )
@@ -325,6 +411,7 @@ class Operator:
         for limit in plan.update:
             before = observed.get(limit.name)
             await server.update(limit.name, limit.limit, limit.slot_decay_per_second)
+            self._note_write(server, limit.name)
             observed[limit.name] = ObservedLimit(
                 limit.name,
                 limit.limit,
@@ -337,6 +424,7 @@ class Operator:
             )
         for limit_name in plan.delete:
             await server.delete(limit_name)
+            self._note_write(server, limit_name)
             observed.pop(limit_name, None)
             events.append(Event("Normal", "LimitDeleted", f"{limit_name}: node gone or deselected"))
         return events
