@@ -19,7 +19,7 @@ import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from prefect_gpu_flows._locks import LeaseRecord
 
@@ -129,19 +129,27 @@ def renew(prefect: SyncPrefectClient, lease_id: UUID, lease_seconds: float) -> f
     return expires
 
 
+# Refusals that leave the lease and its slot untouched on the server (see ``release``).
+REFUSED_STATUSES = frozenset({409, 500, 503})
+
+
 def release(prefect: SyncPrefectClient, lease_id: UUID) -> bool:
     """Give a lease's slot back; False if the server refused and the lease still holds it.
 
     An unknown or expired lease, or one on a deleted limit, counts as given back (True). The
     server refuses while the limit is 0: Prefect 3.9's decrement divides by ``limit`` for its
-    occupancy average, SQLite yields NULL, and the NOT NULL violation comes back as 409 with the
-    lease and its slot untouched. Forgetting such a lease would leave the slot counted until the
-    lease expires, unadoptable; the caller keeps it and tries again once the limit is raised.
+    occupancy average; SQLite yields NULL and the NOT NULL violation comes back as 409,
+    PostgreSQL raises division by zero and it comes back as 503. Either way the lease and its slot
+    stay. Forgetting such a lease would leave the slot counted until the lease expires,
+    unadoptable; the caller keeps it and tries again later (once the limit is raised). The
+    client's own retries are off: it would sleep ~1 min of backoff on that 503, in the thread
+    that renews the other leases, or at exit.
     """
     try:
-        prefect.release_concurrency_slots_with_lease(lease_id=lease_id)
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+            prefect.release_concurrency_slots_with_lease(lease_id=lease_id)
     except httpx.HTTPStatusError as error:
-        if error.response.status_code == 409:
+        if error.response.status_code in REFUSED_STATUSES:
             return False
         if error.response.status_code not in (404, 410):
             raise

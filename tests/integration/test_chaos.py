@@ -57,6 +57,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -265,10 +266,21 @@ class Workers:
             try:
                 codes.append(worker.wait(timeout=max(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
+                _dump_stacks(worker.pid, self.directory / f"stuck-{worker.pid}.txt")
                 worker.kill()
                 worker.wait(timeout=10)
                 codes.append(None)
         return codes
+
+
+def _dump_stacks(pid: int, path: Path) -> None:
+    """Where a worker that would not exit was stuck, if py-spy is installed (it is optional)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if Path(spy).exists():
+        dump = subprocess.run(
+            [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        )
+        path.write_text(dump.stdout + dump.stderr)
 
 
 class OperatorControl:

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 from uuid import uuid4
 
+import httpx
 import pytest
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
-from prefect_gpu_flows import GpuLease, MissingWorkerIdError, SlotConfig, get_worker_id
+from prefect_gpu_flows import GpuLease, MissingWorkerIdError, SlotConfig, _gcl, get_worker_id
 from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, try_lock, unlock
 
 _ENV = ("PREFECT_GPU_LIMIT_PREFIX", "PREFECT_GPU_LOCK_DIR", "PREFECT_GPU_DEVICE_COUNT")
@@ -118,3 +120,36 @@ def test_lock_wait_wakes_when_released(tmp_path: Path) -> None:
     fd = lock_wait(path, time.monotonic() + 5, None)
     assert time.monotonic() - start < 1
     unlock(fd)
+
+
+class _RefusingClient:
+    """Answers a lease release with ``status``, recording the client retries then in effect."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.retries_seen: list[int] = []
+
+    def release_concurrency_slots_with_lease(self, lease_id: object) -> None:
+        self.retries_seen.append(PREFECT_CLIENT_MAX_RETRIES.value())
+        request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/decrement")
+        response = httpx.Response(self.status, request=request)
+        if self.status >= 400:
+            raise httpx.HTTPStatusError("refused", request=request, response=response)
+
+
+@pytest.mark.parametrize(
+    ("status", "released"),
+    [(204, True), (404, True), (410, True), (409, False), (500, False), (503, False)],
+)
+def test_release_maps_refusals_and_never_retries(status: int, released: bool) -> None:
+    """409 (SQLite) and 503 (PostgreSQL) are Prefect 3.9's refusal at limit 0: keep the lease,
+    without the client's minute of backoff on 5xx."""
+    prefect = _RefusingClient(status)
+    assert _gcl.release(prefect, uuid4()) is released  # type: ignore[arg-type]
+    assert prefect.retries_seen == [0]
+    assert PREFECT_CLIENT_MAX_RETRIES.value() != 0  # only for that call
+
+
+def test_release_raises_other_errors() -> None:
+    with pytest.raises(httpx.HTTPStatusError):
+        _gcl.release(_RefusingClient(401), uuid4())  # type: ignore[arg-type]
