@@ -15,6 +15,7 @@ import datetime
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +113,7 @@ class Listing:
 def newest_observation(
     listed: Mapping[str, ObservedLimit],
     cached: Mapping[str, ObservedLimit],
-    written_meanwhile: frozenset[str],
+    written_meanwhile: AbstractSet[str],
 ) -> dict[str, ObservedLimit]:
     """The listing, except for names the operator wrote while it was in flight: for those the
     cache (which follows every write) is newer; absent from the cache means deleted."""
@@ -135,9 +136,8 @@ class Operator:
         self.policies: dict[str, PolicyRecord] = {}
         self._servers: dict[tuple[str, str | None], PrefectLimits] = {}
         self._observed: dict[str, dict[str, ObservedLimit]] = {}
-        # Per server, while resync listings are in flight: names this operator wrote since.
-        self._listings: dict[str, int] = {}
-        self._written_during_listing: dict[str, set[str]] = {}
+        # Per server, one set per resync listing in flight: the names written since it began.
+        self._listing_watchers: dict[str, list[set[str]]] = {}
         self._verdicts = VerdictCache()
         self._api_keys: dict[tuple[str, str], str] = {}  # (Secret, key) -> value; never logged
         self.workers = WorkerPods(Injection.from_settings(settings))
@@ -242,7 +242,7 @@ class Operator:
             if listed.error is not None:
                 raise listed.error
             self._observed[url] = newest_observation(
-                listed.limits, self._observed.get(url, {}), frozenset(listed.written_meanwhile)
+                listed.limits, self._observed.get(url, {}), listed.written_meanwhile
             )
         elif full or url not in self._observed:
             self._observed[url] = await server.list_all()
@@ -271,19 +271,19 @@ class Operator:
 
     @contextlib.contextmanager
     def _tracking_writes(self, url: str) -> Iterator[set[str]]:
-        self._listings[url] = self._listings.get(url, 0) + 1
-        written = self._written_during_listing.setdefault(url, set())
+        written: set[str] = set()
+        watchers = self._listing_watchers.setdefault(url, [])
+        watchers.append(written)
         try:
             yield written
         finally:
-            self._listings[url] -= 1
-            if not self._listings[url]:
-                del self._listings[url]
-                del self._written_during_listing[url]
+            watchers.remove(written)
+            if not watchers:
+                del self._listing_watchers[url]
 
     def _note_write(self, server: PrefectLimits, name: str) -> None:
-        if server.api_url in self._listings:
-            self._written_during_listing[server.api_url].add(name)
+        for written in self._listing_watchers.get(server.api_url, ()):
+            written.add(name)
 
     async def close(self) -> None:
         await self.flush_all()

@@ -21,7 +21,13 @@ from prefect_gpu_operator.sandbox.tools import tools_bin
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
 from tests.support.waiting import eventually
-from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
+from tests.support.webhook import (
+    WORKER_ID_VAR,
+    Pods,
+    WebhookEndpoint,
+    made_tls_files,
+    worker_ids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -462,8 +468,7 @@ def test_operator_made_certificate_works_with_the_charts_rbac(
             extra_env={
                 **endpoint.operator_env(),
                 **rendered,
-                "PREFECT_GPU_OPERATOR_WEBHOOK_CERT_FILE": str(tmp_path / "tls" / "tls.crt"),
-                "PREFECT_GPU_OPERATOR_WEBHOOK_KEY_FILE": str(tmp_path / "tls" / "tls.key"),
+                **made_tls_files(tmp_path),
             },
         ).start()
 

@@ -22,7 +22,13 @@ from kubernetes.client.exceptions import ApiException
 from prefect_gpu_operator.webhook_tls import WebhookTLS, ensure_webhook_tls
 from tests.support.operator import OperatorProcess
 from tests.support.waiting import eventually
-from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
+from tests.support.webhook import (
+    WORKER_ID_VAR,
+    Pods,
+    WebhookEndpoint,
+    made_tls_files,
+    worker_ids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,9 +94,7 @@ def _operator(
         namespace=namespace,
         extra_env={
             **endpoint.operator_env(),
-            # Where the operator writes what it made (the endpoint's own files are not used).
-            "PREFECT_GPU_OPERATOR_WEBHOOK_CERT_FILE": str(directory / "tls" / "tls.crt"),
-            "PREFECT_GPU_OPERATOR_WEBHOOK_KEY_FILE": str(directory / "tls" / "tls.key"),
+            **made_tls_files(directory),
             "PREFECT_GPU_OPERATOR_WEBHOOK_TLS_SECRET": SECRET,
             "PREFECT_GPU_OPERATOR_WEBHOOK_TLS_HOSTS": '["127.0.0.1"]',
             "PREFECT_GPU_OPERATOR_WEBHOOK_CONFIGURATION": endpoint.name,

@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_operator.demo_webhook import WebhookEndpoint as DemoWebhookEndpoint
 
-__all__ = ["WORKER_ID_VAR", "Pods", "WebhookEndpoint", "worker_ids"]
+__all__ = ["WORKER_ID_VAR", "Pods", "WebhookEndpoint", "made_tls_files", "worker_ids"]
 
 WORKER_ID_VAR = {
     "name": "WORKER_ID",
@@ -27,6 +27,15 @@ class WebhookEndpoint(DemoWebhookEndpoint):
 
     def __init__(self, directory: Path, name: str = "prefect-gpu-operator-test") -> None:
         super().__init__(directory, name=name, pod_selectors=[{}])
+
+
+def made_tls_files(directory: Path) -> dict[str, str]:
+    """Operator settings: write the certificate it makes (webhook_tls_secret) under ``directory``,
+    instead of reading an endpoint's own files."""
+    return {
+        "PREFECT_GPU_OPERATOR_WEBHOOK_CERT_FILE": str(directory / "tls" / "tls.crt"),
+        "PREFECT_GPU_OPERATOR_WEBHOOK_KEY_FILE": str(directory / "tls" / "tls.key"),
+    }
 
 
 def worker_ids(pod: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:

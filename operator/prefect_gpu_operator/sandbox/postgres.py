@@ -38,6 +38,7 @@ class PostgresServer:
     """``initdb`` + ``postgres`` in a fresh directory; ``database_url`` is for Prefect."""
 
     def __init__(self) -> None:
+        self._bin = postgres_bin()  # fails before anything is made when PostgreSQL is missing
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="prefect-gpu-operator-pg-"))
         self.data = self.directory / "data"
@@ -53,7 +54,7 @@ class PostgresServer:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> None:
-        bin_dir = postgres_bin()
+        bin_dir = self._bin
         subprocess.run(
             [
                 *self._as_user,
@@ -93,9 +94,8 @@ class PostgresServer:
         self.process.wait_ready(self._accepting, timeout=_READY_TIMEOUT)
 
     def _accepting(self) -> bool:
-        bin_dir = postgres_bin()
         result = subprocess.run(
-            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+            [str(self._bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
             check=False,
         )
         return result.returncode == 0
