@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY pyproject.toml README.md /build/
 COPY operator /build/operator
 COPY flows /build/flows
-RUN pip install "/build[inference]" \
+RUN pip install /build "/build/flows[inference]" \
     && mkdir -p /opt/prefect-gpu-flows \
     && cp /build/flows/prefect.yaml /opt/prefect-gpu-flows/prefect.yaml \
     && rm -rf /build

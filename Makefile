@@ -6,19 +6,29 @@ VENV  ?= $(CACHE)/venvs/$(shell pwd | sha1sum | cut -c1-12)
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 
-.PHONY: demo test lint unit integration install tools clean-sandbox
+.PHONY: demo test lint unit integration install tools generate
 
+# The operator (this directory), the flows and the sandbox, each its own distribution.
 install:
 	@test -x $(PY) || { python3 -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip; }
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install --quiet --disable-pip-version-check \
+		-e . -e './flows[inference]' -e './sandbox[test]'
 
 tools: install
-	@$(BIN)/prefect-gpu-operator sandbox install-tools >/dev/null
+	@$(BIN)/prefect-gpu-sandbox install-tools >/dev/null
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check operator flows tests
+	$(BIN)/ruff format --check operator flows sandbox tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# Files generated from one source each; tests fail when a committed copy is stale.
+generate: install
+	$(BIN)/prefect-gpu-operator crd > charts/prefect-gpu-operator/crds/gpulimitpolicies.prefectgpu.io.yaml
+	{ echo '# Generated from operator/prefect_gpu_operator/api/limit_names.py by `make generate`: do not edit.'; \
+	  echo; cat operator/prefect_gpu_operator/api/limit_names.py; } > flows/prefect_gpu_flows/_limit_names.py
+	HELM=$$($(BIN)/prefect-gpu-sandbox install-tools)/helm bash charts/render-manifests.sh manifests
 
 unit: install
 	$(PY) -m pytest tests/unit
@@ -30,4 +40,4 @@ test: tools lint
 	$(PY) -m pytest
 
 demo: tools
-	$(BIN)/prefect-gpu-operator demo
+	$(BIN)/prefect-gpu-sandbox demo

@@ -14,8 +14,8 @@ import pytest
 from kubernetes import client, config
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from prefect_gpu_operator.sandbox.controlplane import ControlPlane
-from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
+from prefect_gpu_sandbox.controlplane import ControlPlane
+from prefect_gpu_sandbox.prefect_server import PrefectServer
 from tests.support.nodes import NodeFactory
 from tests.support.procs import surviving_children
 

@@ -17,7 +17,7 @@ def _version(_: argparse.Namespace) -> int:
 
 
 def _crd(_: argparse.Namespace) -> int:
-    from prefect_gpu_operator.crd import render_crd_yaml
+    from prefect_gpu_operator.api.crd import render_crd_yaml
 
     sys.stdout.write(render_crd_yaml())
     return 0
@@ -35,13 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # Imported here so that `version` and `--help` stay fast.
-    from prefect_gpu_operator.demo import add_demo_command
     from prefect_gpu_operator.run import add_run_command
-    from prefect_gpu_operator.sandbox.cli import add_sandbox_commands
 
     add_run_command(commands)
-    add_sandbox_commands(commands)
-    add_demo_command(commands)
     return parser
 
 

@@ -23,8 +23,7 @@ def run_operator(settings: OperatorSettings, *, verbose: bool = False) -> None:
     """Watch every namespace; peer with other replicas when ``settings.peering`` is set."""
     kopf.configure(verbose=verbose, log_format=_LOG_FORMATS[settings.log_format])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect request is noise
-    import prefect_gpu_operator.admission  # registers the webhook
-    import prefect_gpu_operator.handlers  # noqa: F401  (registers the handlers)
+    import prefect_gpu_operator.handlers  # noqa: F401  (registers every handler)
 
     liveness = (
         f"http://{settings.health_address}:{settings.health_port}/healthz"

@@ -74,9 +74,10 @@ class OperatorSettings(BaseSettings):
     )
     webhook_enabled: bool = Field(
         default=False,
-        description="Serve the mutating admission webhook that injects WORKER_ID into Prefect "
-        "pods. Needs webhook_cert_file and webhook_key_file (the chart mounts a cert-manager "
-        "certificate); the chart owns the MutatingWebhookConfiguration.",
+        description="Serve the mutating admission webhook that injects WORKER_ID into the pods "
+        "its MutatingWebhookConfiguration sends (the chart owns that configuration and its pod "
+        "selectors). Needs webhook_cert_file and webhook_key_file, from Helm, cert-manager or "
+        "webhook_tls_secret.",
     )
     webhook_address: str = Field(
         default="0.0.0.0", description="Address the webhook's HTTPS server listens on."
@@ -113,20 +114,11 @@ class OperatorSettings(BaseSettings):
         description="With webhook_tls_secret: the MutatingWebhookConfiguration whose webhooks get "
         "the CA as caBundle at start-up.",
     )
-    inject_pod_selectors: list[str] = Field(
-        default=[
-            "app.kubernetes.io/name=prefect-worker",
-            "app.kubernetes.io/component=worker",
-            "prefect.io/flow-run-id",
-        ],
-        description="Pods that get WORKER_ID: a pod matching any entry, either 'key=value' or "
-        "'key' (label present). The defaults select pods of the prefect-worker Helm chart and "
-        "flow-run pods of a Kubernetes work pool. The label prefectgpu.io/inject-worker-id "
-        "'true' or 'false' overrides them.",
-    )
     inject_excluded_namespaces: list[str] = Field(
         default=["kube-system"],
-        description="Namespaces whose pods are never changed, besides the operator's own.",
+        description="Namespaces whose pods are never changed, besides the operator's own. The "
+        "chart passes webhook.excludeNamespaces here and into the webhook configuration's "
+        "namespaceSelector, which does the real filtering; this is the handler's own guard.",
     )
     inject_extra_env: dict[str, str] = Field(
         default={},
@@ -137,7 +129,7 @@ class OperatorSettings(BaseSettings):
     @model_validator(mode="after")
     def _webhook_has_certificate(self) -> OperatorSettings:
         # kopf could self-sign, but not with Debian's OpenSSL (oscrypto fails to load it), and the
-        # apiserver must trust the certificate anyway: it comes from the chart (cert-manager).
+        # apiserver must trust the certificate anyway: it comes from the chart or the operator.
         if self.webhook_enabled and None in (self.webhook_cert_file, self.webhook_key_file):
             raise ValueError("webhook_enabled needs webhook_cert_file and webhook_key_file")
         if self.webhook_tls_secret and not self.webhook_tls_hosts:

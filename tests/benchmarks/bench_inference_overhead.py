@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="documents per call")
     args = parser.parse_args()
 
-    from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
+    from prefect_gpu_sandbox.prefect_server import PrefectServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     server = PrefectServer(work / "prefect")

@@ -32,11 +32,12 @@ from kubernetes import client, config
 from tests.support.nodes import gpu_node_body
 from tests.support.operator import OperatorProcess
 
-from prefect_gpu_operator.crd import GROUP, PLURAL, VERSION, build_crd
-from prefect_gpu_operator.sandbox.controlplane import ControlPlane
-from prefect_gpu_operator.sandbox.postgres import PostgresServer
-from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
-from prefect_gpu_operator.sandbox.processes import wait_until
+from prefect_gpu_operator.api.crd import build_crd
+from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
+from prefect_gpu_sandbox.controlplane import ControlPlane
+from prefect_gpu_sandbox.postgres import PostgresServer
+from prefect_gpu_sandbox.prefect_server import PrefectServer
+from prefect_gpu_sandbox.waiting import eventually
 
 PROFILE = ""
 DATABASE = "sqlite"
@@ -96,7 +97,7 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
             core = client.CoreV1Api(api)
             custom = client.CustomObjectsApi(api)
             client.ApiextensionsV1Api(api).create_custom_resource_definition(build_crd())
-            wait_until(lambda: _established(api), timeout=30, what="CRD", interval=0.2)
+            eventually(lambda: _established(api), timeout=30, what="CRD", interval=0.2)
             core.create_namespace(
                 client.V1Namespace(metadata=client.V1ObjectMeta(name="prefect-gpu-operator"))
             )
@@ -132,7 +133,7 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
             )
             started = time.perf_counter()
             operator.start()
-            wait_until(
+            eventually(
                 lambda: _limits(http) == expected, timeout=300, what="cold start", interval=0.2
             )
             results["cold_start_s"] = time.perf_counter() - started
@@ -237,7 +238,7 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
             target = (sum(allocatable[last].values()) + 1) % 9
             resource = next(iter(allocatable[last]))
             core.patch_node_status(last, {"status": {"allocatable": {resource: str(target)}}})
-            wait_until(
+            eventually(
                 lambda: http.get(f"/v2/concurrency_limits/gpu:{last}").json()["limit"] == target,
                 timeout=60,
                 what="the barrier change",
@@ -251,9 +252,9 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
                 plane.kubeconfig, root / "operator2.log", resync_seconds=5, verbose=False
             )
             operator.start()
-            wait_until(lambda: _full_reconciles(operator) >= 2, timeout=60, what="two resyncs")
+            eventually(lambda: _full_reconciles(operator) >= 2, timeout=60, what="two resyncs")
             first_calls = operator.prefect_calls()
-            wait_until(lambda: _full_reconciles(operator) >= 3, timeout=60, what="a resync")
+            eventually(lambda: _full_reconciles(operator) >= 3, timeout=60, what="a resync")
             results["resync_prefect_calls"] = operator.prefect_calls() - first_calls
             results["resync_s"] = operator.metric(
                 "prefect_gpu_operator_reconcile_seconds_sum", trigger="full"

@@ -242,7 +242,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
+    from prefect_gpu_sandbox.prefect_server import PrefectServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-slots-"))
     server = PrefectServer(work / "prefect")

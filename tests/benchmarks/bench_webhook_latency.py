@@ -35,8 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.operator import OperatorProcess
 from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
 
-from prefect_gpu_operator.crd import build_crd
-from prefect_gpu_operator.sandbox.controlplane import ControlPlane
+from prefect_gpu_operator.api.crd import build_crd
+from prefect_gpu_sandbox.controlplane import ControlPlane
 
 NAMESPACE = "prefect-gpu-operator"
 LABELS = {"app.kubernetes.io/name": "prefect-worker", "app.kubernetes.io/component": "worker"}
@@ -128,7 +128,7 @@ def main() -> int:
             _load(pods, "warmup", args.rate, 1.0)  # connections, caches, imports
 
             without = _load(pods, "plain", args.rate, args.seconds)
-            endpoint.register(api, ["kube-system", NAMESPACE])
+            endpoint.register(api, NAMESPACE)
             deadline = time.monotonic() + 20
             while worker_ids(pods.create(f"probe-{time.monotonic_ns()}", LABELS))["main"] != [
                 WORKER_ID_VAR

@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from prefect_gpu_operator.crd import CRD_FILE
-from prefect_gpu_operator.sandbox.tools import tools_bin
+from prefect_gpu_operator.api.crd import CRD_FILE
+from prefect_gpu_sandbox.tools import tools_bin
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader
 
 REPO = Path(__file__).resolve().parents[2]

@@ -72,12 +72,11 @@ from typing import Any
 import httpx
 import pytest
 
-from prefect_gpu_operator.sandbox.postgres import PostgresServer
-from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
-from prefect_gpu_operator.sandbox.processes import wait_until
+from prefect_gpu_sandbox.postgres import PostgresServer
+from prefect_gpu_sandbox.prefect_server import PrefectServer
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader
-from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -412,7 +411,7 @@ def test_never_oversubscribed_under_chaos(
         for node in NODE_GPUS:
             for index in range(WORKERS_PER_NODE):
                 workers.start(node, index)
-        wait_until(workers.all_ready, timeout=120, what="chaos workers ready")
+        eventually(workers.all_ready, timeout=120, what="chaos workers ready")
         setup_seconds = time.monotonic() - started
 
         # --- chaos ---

@@ -16,11 +16,11 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from prefect_gpu_operator.sandbox.controlplane import ControlPlane
-from prefect_gpu_operator.sandbox.tools import tools_bin
+from prefect_gpu_sandbox.controlplane import ControlPlane
+from prefect_gpu_sandbox.tools import tools_bin
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
-from tests.support.waiting import eventually
 from tests.support.webhook import (
     WORKER_ID_VAR,
     Pods,
@@ -386,7 +386,7 @@ def test_operator_runs_with_the_charts_service_account(
         expect_limits(reader, "gpu:rbac-", {"gpu:rbac-a": 2})
 
         # The webhook it serves injects WORKER_ID; its read-only pod watch reports the worker.
-        endpoint.register(kube_api, ["kube-system", NAMESPACE])
+        endpoint.register(kube_api, NAMESPACE)
         worker = {"app.kubernetes.io/name": "prefect-worker"}
 
         def injected() -> None:

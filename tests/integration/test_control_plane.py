@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from prefect_gpu_operator.sandbox.controlplane import ControlPlane
-from prefect_gpu_operator.sandbox.tools import K8S_VERSION, tools_bin
+from prefect_gpu_sandbox.controlplane import ControlPlane
+from prefect_gpu_sandbox.tools import K8S_VERSION, tools_bin
 from tests.support.nodes import NodeFactory
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,9 +11,10 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import ValidationError
 
-from prefect_gpu_operator.crd import CRD_FILE, GROUP, PLURAL
-from prefect_gpu_operator.policy import GPULimitPolicySpec
-from prefect_gpu_operator.sandbox.tools import tools_bin
+from prefect_gpu_operator.api.crd import CRD_FILE
+from prefect_gpu_operator.api.policy import GROUP, PLURAL, GPULimitPolicySpec
+from prefect_gpu_sandbox.tools import tools_bin
+from prefect_gpu_sandbox.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +34,6 @@ def manifest(name: str, spec: dict[str, Any]) -> str:
             "spec": spec,
         }
     )
-
-
-def eventually(attempt: Callable[[], T], accept: Callable[[T], bool], seconds: float = 30) -> T:
-    """Call ``attempt`` until ``accept`` approves its result or ``seconds`` pass; return the last
-    result."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = attempt()
-        if accept(result) or time.monotonic() > deadline:
-            return result
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +68,13 @@ def crd(kubectl: Kubectl) -> Iterator[None]:
         "wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}"
     )
     assert established.returncode == 0, established.stderr
+
     # Established precedes discovery by a moment; kubectl re-reads discovery on a miss.
-    served = eventually(lambda: kubectl("get", "glp"), lambda result: result.returncode == 0)
-    assert served.returncode == 0, served.stderr
+    def served() -> None:
+        listed = kubectl("get", "glp")
+        assert listed.returncode == 0, listed.stderr
+
+    eventually(served, timeout=30, interval=0.2)
     yield
     # The CRD stays (other tests may use it); only this module's policies go.
     kubectl("delete", "glp", "-l", LABEL, "--ignore-not-found", "--wait=false")
@@ -94,10 +87,13 @@ def _flat(text: str) -> str:
 @pytest.mark.usefixtures("crd")
 def test_explain_shows_descriptions(kubectl: Kubectl) -> None:
     # explain reads the OpenAPI document, which is published a moment after Established.
-    explained = eventually(
-        lambda: kubectl("explain", "glp.spec"), lambda result: "slotsPerGpu" in result.stdout
-    )
-    assert explained.returncode == 0, explained.stderr
+    def explain() -> subprocess.CompletedProcess[str]:
+        result = kubectl("explain", "glp.spec")
+        assert result.returncode == 0, result.stderr
+        assert "slotsPerGpu" in result.stdout
+        return result
+
+    explained = eventually(explain, timeout=30, interval=0.2)
     text = _flat(explained.stdout)
     for name, field in GPULimitPolicySpec.model_fields.items():
         assert (field.alias or name) in text

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.waiting import eventually
+from prefect_gpu_sandbox.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
-DEMO = [sys.executable, "-m", "prefect_gpu_operator.cli", "demo", "--dir"]
+DEMO = [sys.executable, "-m", "prefect_gpu_sandbox", "demo", "--dir"]
 INJECTED = (
     '{"name": "WORKER_ID", "valueFrom": {"fieldRef": {"apiVersion": "v1", '
     '"fieldPath": "spec.nodeName"}}}'
@@ -65,7 +65,7 @@ def test_demo_runs_end_to_end_and_stops_everything(tmp_path: Path) -> None:
     assert "gpu:cpu-node-1" not in out
 
     # The webhook injected WORKER_ID (a Downward API reference) into both worker pods.
-    assert "registered MutatingWebhookConfiguration" in out
+    assert "registered the chart's MutatingWebhookConfiguration" in out
     assert out.count(f"env injected by the webhook: {INJECTED}") == 2
     for node in LIMITS:
         assert f"-> WORKER_ID={node} once the kubelet starts it on {node}" in out

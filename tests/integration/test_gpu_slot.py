@@ -35,31 +35,13 @@ from prefect_gpu_flows import (
     gpu_slot,
 )
 from prefect_gpu_flows._locks import try_lock, unlock
+from prefect_gpu_sandbox.waiting import eventually, holds
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 HOLDER = "tests.integration._gpu_slot_holder"
 _names = count()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until ``condition`` holds; the seconds it took. Fails the test at the deadline."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-def holds_throughout(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    """Check ``condition`` keeps holding for ``seconds``: the opposite of ``wait_for``."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if not condition():
-            pytest.fail(f"{what}: stopped holding before {seconds} s")
-        time.sleep(0.05)
 
 
 def in_thread(target: Callable[[], None]) -> threading.Thread:
@@ -95,12 +77,19 @@ class Node:
     def active_slots(self) -> int:
         return self.prefect.read_global_concurrency_limit_by_name(self.limit_name).active_slots
 
-    def slot_free(self, index: int) -> bool:
-        fd = try_lock(self.lock_dir / self.worker_id / f"slot-{index}.lock")
+    def _free(self, name: str) -> bool:
+        fd = try_lock(self.lock_dir / self.worker_id / name)
         if fd is None:
             return False
         unlock(fd)
         return True
+
+    def slot_free(self, index: int) -> bool:
+        return self._free(f"slot-{index}.lock")
+
+    def gate_held(self) -> bool:
+        """Someone queues on the node: the head of the queue holds its gate."""
+        return not self._free("gate.lock")
 
     def start_holder(self, events: Path, *args: str) -> subprocess.Popen[bytes]:
         with events.with_suffix(".log").open("ab") as log:
@@ -199,7 +188,9 @@ def test_six_processes_share_two_slots_exclusively(node: Node, tmp_path: Path) -
                 assert set(devices).isdisjoint(other_devices), "two holders shared a GPU"
     assert seen_active
     assert max(seen_active) <= 2
-    wait_for(lambda: node.active_slots() == 0, 10, "slots released after the holders exit")
+    eventually(
+        lambda: node.active_slots() == 0, timeout=10, what="slots released after the holders exit"
+    )
 
 
 def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
@@ -208,12 +199,12 @@ def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
     node.create_limit(1)
     events = tmp_path / "events.jsonl"
     holder = node.start_holder(events, "--until", str(tmp_path / "never"))
-    wait_for(lambda: len(entered(events)) == 1, 60, "holder entered")
+    eventually(lambda: len(entered(events)) == 1, timeout=60, what="holder entered")
     assert not node.slot_free(0)
 
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)
-    wait_for(lambda: node.slot_free(0), 5, "device lock dropped by the kernel")
+    eventually(lambda: node.slot_free(0), timeout=5, what="device lock dropped by the kernel")
     assert node.active_slots() == 1  # the server still counts the dead holder's lease
 
     start = time.monotonic()
@@ -222,7 +213,9 @@ def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
         assert lease.devices == (0,)
         assert node.active_slots() == 1
     assert took < 10  # far below the 60 s lease it would otherwise wait out
-    wait_for(lambda: node.active_slots() == 0, 10, "adopted lease released after the block")
+    eventually(
+        lambda: node.active_slots() == 0, timeout=10, what="adopted lease released after the block"
+    )
 
 
 def test_killed_holder_lease_expires_on_the_server(node: Node, tmp_path: Path) -> None:
@@ -230,16 +223,16 @@ def test_killed_holder_lease_expires_on_the_server(node: Node, tmp_path: Path) -
     node.create_limit(1)
     events = tmp_path / "events.jsonl"
     holder = node.start_holder(events, "--until", str(tmp_path / "never"))
-    wait_for(lambda: len(entered(events)) == 1, 60, "holder entered")
+    eventually(lambda: len(entered(events)) == 1, timeout=60, what="holder entered")
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)
     killed = time.monotonic()
     assert node.active_slots() == 1
     # 60 s lease (the server's minimum) + up to 15 s for the repossessor loop; measured ~60-75 s.
-    took = wait_for(lambda: node.active_slots() == 0, 85, "lease expired on the server")
+    eventually(lambda: node.active_slots() == 0, timeout=85, what="lease expired on the server")
     elapsed = time.monotonic() - killed
     print(f"GCL slot of a SIGKILLed holder freed by lease expiry after {elapsed:.1f} s")
-    assert took >= 55
+    assert elapsed >= 55
 
 
 def test_lowered_limit_admits_nobody_until_holders_drop_below_it(
@@ -249,24 +242,30 @@ def test_lowered_limit_admits_nobody_until_holders_drop_below_it(
     first, second, third = (tmp_path / f"h{i}.jsonl" for i in range(3))
     node.start_holder(first, "--until", str(tmp_path / "release-1"))
     node.start_holder(second, "--until", str(tmp_path / "release-2"))
-    wait_for(lambda: len(entered(first)) == len(entered(second)) == 1, 60, "holders entered")
+    eventually(
+        lambda: len(entered(first)) == len(entered(second)) == 1, timeout=60, what="holders entered"
+    )
 
     node.set_limit(1)
     node.start_holder(third, "--hold", "0")
-    wait_for(lambda: len(read_events(third)) >= 1, 60, "third holder started")
+    eventually(lambda: len(read_events(third)) >= 1, timeout=60, what="third holder started")
     # Longer than a waiter's limit refresh: it must stay outside all along.
-    holds_throughout(lambda: not entered(third), 1.5, "third holder kept out")
+    holds(lambda: not entered(third), duration=1.5, what="third holder kept out")
 
     (tmp_path / "release-1").touch()
-    wait_for(lambda: len(read_events(first)) == 3, 10, "first holder left")
+    eventually(lambda: len(read_events(first)) == 3, timeout=10, what="first holder left")
     # Its exit is logged before it gives its slot back to the server.
-    wait_for(lambda: node.active_slots() <= 1, 5, "first holder's slot released")
+    eventually(lambda: node.active_slots() <= 1, timeout=5, what="first holder's slot released")
     # One holder left = the new limit: still no room.
-    holds_throughout(lambda: not entered(third), 1.5, "third holder kept out at the new limit")
-    holds_throughout(lambda: node.active_slots() <= 1, 0.5, "at most the limit counted")
+    holds(lambda: not entered(third), duration=1.5, what="third holder kept out at the new limit")
+    holds(lambda: node.active_slots() <= 1, duration=0.5, what="at most the limit counted")
 
     (tmp_path / "release-2").touch()
-    wait_for(lambda: len(entered(third)) == 1, 10, "third holder entered after the second left")
+    eventually(
+        lambda: len(entered(third)) == 1,
+        timeout=10,
+        what="third holder entered after the second left",
+    )
     exit_second = next(e["t"] for e in read_events(second) if e["event"] == "exit")
     assert entered(third)[0]["t"] >= exit_second
     assert entered(third)[0]["devices"] == [0]  # slot 1 is above the lowered limit
@@ -309,13 +308,17 @@ def test_slot_left_at_limit_zero_stays_adoptable_and_is_released_once_raised(
         node.set_limit(0)
     slot = node.lock_dir / node.worker_id / "slot-0.lock"
     # Past the keeper's first release attempts, the lease the server still counts stays on file.
-    holds_throughout(
-        lambda: node.active_slots() == 1 and bool(slot.read_text()), 1.5, "lease kept on the slot"
+    holds(
+        lambda: node.active_slots() == 1 and bool(slot.read_text()),
+        duration=1.5,
+        what="lease kept on the slot",
     )
     node.set_limit(1)
     # The keeper releases on the server first, then clears the file: wait for both.
-    wait_for(lambda: node.active_slots() == 0, 5, "lease released once the limit was raised")
-    wait_for(lambda: not slot.read_text(), 5, "slot file cleared after the release")
+    eventually(
+        lambda: node.active_slots() == 0, timeout=5, what="lease released once the limit was raised"
+    )
+    eventually(lambda: not slot.read_text(), timeout=5, what="slot file cleared after the release")
 
 
 def test_exiting_holder_releases_its_lease_while_the_gate_stays_busy(
@@ -326,13 +329,13 @@ def test_exiting_holder_releases_its_lease_while_the_gate_stays_busy(
     node.create_limit(1)
     events, release = tmp_path / "events.jsonl", tmp_path / "release"
     holder = node.start_holder(events, "--until", str(release))
-    wait_for(lambda: len(entered(events)) == 1, 60, "holder entered")
+    eventually(lambda: len(entered(events)) == 1, timeout=60, what="holder entered")
     gate = try_lock(node.lock_dir / node.worker_id / "gate.lock")
     assert gate is not None
     try:
         release.touch()
         assert holder.wait(timeout=30) == 0
-        wait_for(lambda: node.active_slots() == 0, 5, "lease released at exit")
+        eventually(lambda: node.active_slots() == 0, timeout=5, what="lease released at exit")
     finally:
         unlock(gate)
 
@@ -362,7 +365,9 @@ def test_exception_inside_the_block_releases_both(node: Node) -> None:
     with pytest.raises(RuntimeError, match="model crashed"):
         crash()
     assert node.slot_free(0)
-    wait_for(lambda: node.active_slots() == 0, 5, "GCL slot released after the error")
+    eventually(
+        lambda: node.active_slots() == 0, timeout=5, what="GCL slot released after the error"
+    )
 
 
 def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
@@ -378,7 +383,8 @@ def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
                     pytest.fail("entered a full node")
 
             waiter = asyncio.create_task(wait_for_slot())
-            await asyncio.sleep(0.3)
+            # The waiter is queued once it holds the node's gate.
+            await asyncio.to_thread(eventually, node.gate_held, timeout=10, what="waiter queued")
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -405,4 +411,6 @@ def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
                 pytest.fail("entered with more GPUs than the limit")
 
     asyncio.run(scenario())
-    wait_for(lambda: node.active_slots() == 0, 5, "GCL slots released after cancellation")
+    eventually(
+        lambda: node.active_slots() == 0, timeout=5, what="GCL slots released after cancellation"
+    )

@@ -23,9 +23,8 @@ from prefect.logging.handlers import APILogWorker
 from prefect.workers.process import ProcessWorker
 
 from prefect_gpu_flows.inference import embed_documents
-from prefect_gpu_operator.sandbox.processes import ServerProcess
-from tests.support.procs import descendants
-from tests.support.waiting import eventually
+from prefect_gpu_sandbox.processes import ServerProcess, descendants
+from prefect_gpu_sandbox.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

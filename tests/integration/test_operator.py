@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import (
     OperatorProcess,
@@ -13,7 +14,6 @@ from tests.support.operator import (
     PrefectLimitsReader,
     expect_limits,
 )
-from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from prefect_gpu_operator.sandbox.prefect_server import PrefectServer
+from prefect_gpu_sandbox.prefect_server import PrefectServer
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
-from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

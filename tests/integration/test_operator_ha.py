@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from prefect_gpu_operator.sandbox.tools import tools_bin
+from prefect_gpu_sandbox.tools import tools_bin
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
-from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
-from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

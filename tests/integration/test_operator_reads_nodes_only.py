@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
-from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

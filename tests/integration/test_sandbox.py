@@ -1,4 +1,4 @@
-"""`prefect-gpu-operator sandbox up|status|down` starts real servers and leaves nothing behind."""
+"""`prefect-gpu-sandbox up|status|down` starts real servers and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from prefect_gpu_operator.sandbox.processes import group_members, process_alive
-from prefect_gpu_operator.sandbox.tools import tools_bin
+from prefect_gpu_sandbox.processes import group_members, process_alive
+from prefect_gpu_sandbox.tools import tools_bin
 
 pytestmark = pytest.mark.integration
 
-CLI = [sys.executable, "-m", "prefect_gpu_operator.cli"]
+CLI = [sys.executable, "-m", "prefect_gpu_sandbox"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,7 +31,7 @@ def _sourced(env_file: Path, variable: str) -> str:
 
 def test_sandbox_lifecycle(tmp_path: Path) -> None:
     directory = tmp_path / "sandbox"
-    up = _cli("sandbox", "up", "--dir", str(directory))
+    up = _cli("up", "--dir", str(directory))
     pids: dict[str, int] = {}
     try:
         assert up.returncode == 0, up.stderr
@@ -61,13 +61,13 @@ def test_sandbox_lifecycle(tmp_path: Path) -> None:
         )
         assert prefect.returncode == 0, prefect.stdout + prefect.stderr
 
-        status = _cli("sandbox", "status", "--dir", str(directory))
+        status = _cli("status", "--dir", str(directory))
         assert status.returncode == 0
         assert status.stdout.count("running") == 3
     finally:
-        down = _cli("sandbox", "down", "--dir", str(directory))
+        down = _cli("down", "--dir", str(directory))
     assert down.returncode == 0, down.stderr
     assert not [name for name, pid in pids.items() if process_alive(pid)]
     # Each server led its own process group: nothing in those groups outlives `down`.
     assert not [pid for pid in pids.values() if group_members(pid)]
-    assert _cli("sandbox", "status", "--dir", str(directory)).returncode == 1
+    assert _cli("status", "--dir", str(directory)).returncode == 1

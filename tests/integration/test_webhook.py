@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, Policies
-from tests.support.waiting import eventually
 from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,7 @@ def webhook(
     operator_namespace: str,
 ) -> Iterator[WebhookEndpoint]:
     """The MWC registered and in effect (the API server picks it up asynchronously)."""
-    endpoint.register(kube_api, ["kube-system", operator_namespace])
+    endpoint.register(kube_api, operator_namespace)
     probes = Pods(kube_api)
     try:
 
@@ -209,6 +209,28 @@ def test_worker_nodes_in_status_and_a_warning_without_limit(
 
 def _assert_equal(left: object, right: object) -> None:
     assert left == right
+
+
+def test_the_charts_custom_pod_selector_is_the_only_selector(
+    kube_api: client.ApiClient, webhook: WebhookEndpoint, operator_namespace: str, pods: Pods
+) -> None:
+    """webhook.podSelectors reaches the API server (objectSelector) and nothing re-filters it:
+    a pod that only a custom selector matches gets WORKER_ID."""
+    name = "prefect-gpu-operator-custom-selector"
+    values = {"webhook": {"podSelectors": [{"matchLabels": {"team": "ml"}}]}}
+    (entry,) = webhook.configuration(operator_namespace, values, name=name)["webhooks"]
+    assert entry["objectSelector"]["matchLabels"] == {"team": "ml"}
+    assert worker_ids(pods.create("team-ml-before", {"team": "ml"})) == {"main": []}
+    webhook.register(kube_api, operator_namespace, values, name=name)
+    try:
+
+        def injected() -> None:
+            pod = pods.create(f"team-ml-{len(pods.created)}", {"team": "ml"})
+            assert worker_ids(pod) == {"main": [WORKER_ID_VAR]}
+
+        eventually(injected, timeout=20, interval=0.5)
+    finally:
+        webhook.unregister(kube_api, name=name)
 
 
 def test_pods_are_created_while_the_operator_is_down(

@@ -15,9 +15,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefect_gpu_operator.crd import GROUP, PLURAL, VERSION
-from prefect_gpu_operator.sandbox.processes import ServerProcess, free_port, wait_until
-from tests.support.waiting import eventually
+from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
+from prefect_gpu_sandbox.processes import ServerProcess, free_port
+from prefect_gpu_sandbox.waiting import eventually
 
 __all__ = ["OperatorProcess", "Policies", "PrefectLimitsReader"]
 
@@ -151,7 +151,7 @@ class Policies:
         except ApiException as error:
             if error.status != 404:
                 raise
-        wait_until(lambda: not self.exists(name), timeout=wait, what=f"deletion of {name}")
+        eventually(lambda: not self.exists(name), timeout=wait, what=f"deletion of {name}")
         if name in self.created:
             self.created.remove(name)
 

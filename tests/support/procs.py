@@ -5,22 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["descendants", "surviving_children"]
+from prefect_gpu_sandbox.processes import descendants
 
-
-def _parents() -> dict[int, tuple[int, str, str]]:
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        table[int(entry.name)] = (int(ppid), state, name)
-    return table
+__all__ = ["surviving_children"]
 
 
 def _command_line(pid: int) -> str:
@@ -30,19 +17,6 @@ def _command_line(pid: int) -> str:
         return ""
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """Live (non-zombie) descendants of ``pid`` as (pid, command name)."""
-    table = _parents()
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, (ppid, state, name) in table.items():
-            if ppid == parent:
-                frontier.append(child)
-                if state != "Z":
-                    found.append((child, _command_line(child) or name))
-    return found
-
-
 def surviving_children() -> list[tuple[int, str]]:
-    return descendants(os.getpid())
+    """This process's live descendants, with their command lines."""
+    return [(pid, _command_line(pid) or name) for pid, name in descendants(os.getpid())]

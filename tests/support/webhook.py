@@ -1,5 +1,6 @@
-"""The WORKER_ID webhook against a real kube-apiserver: certificates, the operator's environment,
-the MutatingWebhookConfiguration the chart will render, and pods created through the API."""
+"""Pods for the WORKER_ID webhook against a real kube-apiserver: created through the API (as
+plain dicts), their WORKER_ID definitions, and the settings of an operator that makes its own
+certificate. The webhook endpoint itself is the sandbox's (``prefect_gpu_sandbox.webhook``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from prefect_gpu_operator.demo_webhook import WebhookEndpoint as DemoWebhookEndpoint
+from prefect_gpu_sandbox.webhook import WebhookEndpoint
 
 __all__ = ["WORKER_ID_VAR", "Pods", "WebhookEndpoint", "made_tls_files", "worker_ids"]
 
@@ -18,15 +19,6 @@ WORKER_ID_VAR = {
     "name": "WORKER_ID",
     "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
 }
-
-
-class WebhookEndpoint(DemoWebhookEndpoint):
-    """The demo's endpoint (certificate for 127.0.0.1, free port, operator settings), registered as
-    ONE catch-all webhook: the tests exercise the handler's own choice of pods, not the chart's
-    objectSelectors."""
-
-    def __init__(self, directory: Path, name: str = "prefect-gpu-operator-test") -> None:
-        super().__init__(directory, name=name, pod_selectors=[{}])
 
 
 def made_tls_files(directory: Path) -> dict[str, str]:

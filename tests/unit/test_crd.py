@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from prefect_gpu_operator.crd import CRD_FILE, build_crd, render_crd_yaml
-from prefect_gpu_operator.policy import (
+from prefect_gpu_operator.api.crd import CRD_FILE, build_crd, render_crd_yaml
+from prefect_gpu_operator.api.policy import (
     GPULimitPolicySpec,
     GPULimitPolicyStatus,
     LabelSelectorRequirement,
@@ -33,9 +33,7 @@ def _root() -> Schema:
 
 def test_chart_crd_file_is_generated_from_code() -> None:
     path = REPO / CRD_FILE
-    assert path.read_text() == render_crd_yaml(), (
-        f"{CRD_FILE} is stale: run `python -m prefect_gpu_operator.crd > {CRD_FILE}`"
-    )
+    assert path.read_text() == render_crd_yaml(), f"{CRD_FILE} is stale: run `make generate`"
 
 
 def test_rendered_yaml_round_trips() -> None:

@@ -8,19 +8,17 @@ from typing import Any
 
 import pytest
 
-from prefect_gpu_operator.desired import (
+from prefect_gpu_operator.api.policy import GPULimitPolicySpec
+from prefect_gpu_operator.domain.desired import (
     DesiredLimit,
     GPUNode,
-    LimitNameError,
     Policy,
     QuantityError,
     VerdictCache,
     desired_limits,
-    limit_name,
     node_gpus,
     parse_quantity,
 )
-from prefect_gpu_operator.policy import GPULimitPolicySpec
 
 NV = "nvidia.com/gpu"
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -104,27 +102,6 @@ def test_node_gpus(allocatable: dict[str, str], resources: list[str], gpus: int 
 def test_node_gpus_names_the_node_in_errors() -> None:
     with pytest.raises(QuantityError, match="node gpu-1: '1500m' is fractional"):
         node_gpus(GPUNode("gpu-1", allocatable={"nvidia.com/gpu": "1500m"}), ["nvidia.com/gpu"])
-
-
-@pytest.mark.parametrize(
-    ("template", "node_name", "name"),
-    [
-        ("gpu:{node}", "gpu-1", "gpu:gpu-1"),
-        ("gpu:{node}", "gpu-1.example.com", "gpu:gpu-1.example.com"),
-        ("{node}", "n", "n"),
-        ("team-a:{node}:inference", "n", "team-a:n:inference"),
-        ("{node}/{node}".replace("/", "-"), "n", "n-n"),
-        ("gpu:{node}:{x}", "n", "gpu:n:{x}"),  # only {node} is a placeholder
-    ],
-)
-def test_limit_name(template: str, node_name: str, name: str) -> None:
-    assert limit_name(template, node_name) == name
-
-
-@pytest.mark.parametrize("template", ["gpu", "gpu/{node}", "gpu:{node}%", "<{node}>", ""])
-def test_limit_name_rejects(template: str) -> None:
-    with pytest.raises(LimitNameError):
-        limit_name(template, "n")
 
 
 def test_one_limit_per_gpu_node_and_none_for_cpu_nodes() -> None:

@@ -6,9 +6,9 @@ from typing import Literal
 
 import pytest
 
-from prefect_gpu_operator.desired import DesiredLimit, PolicyDesired
-from prefect_gpu_operator.plan import ObservedLimit, Plan, plan_policy
-from prefect_gpu_operator.policy import LimitEntry
+from prefect_gpu_operator.api.policy import LimitEntry
+from prefect_gpu_operator.domain.desired import DesiredLimit, PolicyDesired
+from prefect_gpu_operator.domain.plan import ObservedLimit, Plan, plan_policy
 
 DeletionPolicy = Literal["Delete", "Retain"]
 

@@ -7,12 +7,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from prefect_gpu_operator.policy import (
+from prefect_gpu_operator.api.policy import (
     GPULimitPolicySpec,
     GPULimitPolicyStatus,
     LabelSelector,
     PrefectServerReference,
-    is_valid_limit_name,
 )
 
 REMOTE = {"remoteApiUrl": "http://prefect.example:4200/api"}
@@ -197,20 +196,3 @@ def test_status_reads_leniently() -> None:
     )
     assert status.limits[0].limit == 4
     assert status.conditions[0].observed_generation == 3
-
-
-@pytest.mark.parametrize(
-    ("name", "valid"),
-    [
-        ("gpu:gpu-1.example.com", True),
-        ("gpu:node", True),
-        ("", False),
-        ("gpu/node", False),
-        ("gpu%node", False),
-        ("a&b", False),
-        ("a>b", False),
-        ("a<b", False),
-    ],
-)
-def test_prefect_name_rule(name: str, valid: bool) -> None:
-    assert is_valid_limit_name(name) is valid

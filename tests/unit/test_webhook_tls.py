@@ -8,7 +8,7 @@ import datetime
 import pytest
 from cryptography import x509
 
-from prefect_gpu_operator.webhook_tls import (
+from prefect_gpu_operator.adapters.webhook_tls import (
     RENEW_BEFORE,
     WebhookTLS,
     ca_bundle_patch,

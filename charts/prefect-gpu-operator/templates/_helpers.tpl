@@ -52,6 +52,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* Namespaces whose pods never get WORKER_ID, as a JSON list: the webhook configuration's
+     namespaceSelector and the operator's own guard both read this one list. */}}
+{{- define "prefect-gpu-operator.webhookExcludedNamespaces" -}}
+{{- concat (list "kube-system" .Release.Namespace) .Values.webhook.excludeNamespaces | uniq | toJson }}
+{{- end }}
+
 {{- define "prefect-gpu-operator.image" -}}
 {{- printf "%s:%s" .repository (default $.Chart.AppVersion .tag) }}
 {{- end }}

@@ -1,0 +1,1 @@
+"""Thin doors to the outside: the Kubernetes API, Prefect's REST API, certificates."""

@@ -1,0 +1,92 @@
+"""The operator's door to Kubernetes besides kopf's watches: status patches, Secrets, node lists.
+
+The official client is synchronous; calls run in a worker thread so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
+from prefect_gpu_operator.domain.desired import GPUNode
+
+__all__ = [
+    "Kube",
+    "SecretNotFound",
+    "api_client",
+    "gpu_node",
+]
+
+
+class SecretNotFound(LookupError):
+    """The API-key Secret (or its key) a policy references does not exist."""
+
+
+def gpu_node(body: Mapping[str, Any]) -> GPUNode:
+    """What matters of a Node: name, labels, and its extended resources (GPUs are among them).
+
+    Heartbeats, conditions, cpu/memory and images are dropped, so an update that changes only
+    those compares equal and triggers nothing.
+    """
+    metadata = body.get("metadata") or {}
+    allocatable = (body.get("status") or {}).get("allocatable") or {}
+    return GPUNode(
+        name=metadata["name"],
+        labels=dict(metadata.get("labels") or {}),
+        allocatable={key: str(value) for key, value in allocatable.items() if "/" in key},
+    )
+
+
+def api_client() -> client.ApiClient:
+    """In the cluster: the pod's ServiceAccount; outside it: the kubeconfig."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+class Kube:
+    """Reads nodes and Secrets, writes policy status."""
+
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        self.api = api or api_client()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    async def list_gpu_nodes(self) -> list[GPUNode]:
+        nodes = await asyncio.to_thread(self.core.list_node)
+        serialize = self.api.sanitize_for_serialization
+        return [gpu_node(serialize(node)) for node in nodes.items]  # type: ignore[no-untyped-call]
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded. The value is never logged or put in an error."""
+        try:
+            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                raise SecretNotFound(f"Secret {namespace}/{name} not found") from None
+            raise
+        data = secret.data or {}
+        if key not in data:
+            raise SecretNotFound(f"Secret {namespace}/{name} has no key {key!r}")
+        return base64.b64decode(data[key]).decode().strip()
+
+    async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
+        await asyncio.to_thread(
+            self.custom.patch_cluster_custom_object_status,
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            {"status": dict(status)},
+        )
+
+    def close(self) -> None:
+        self.api.close()  # type: ignore[no-untyped-call]

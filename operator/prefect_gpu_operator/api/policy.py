@@ -1,0 +1,311 @@
+"""The GPULimitPolicy custom resource: its identity and its pydantic models, spec and status.
+
+Python attributes are snake_case; the Kubernetes field names are their camelCase aliases. These
+models are the single source of every field's description and default: ``crd.py`` copies both into
+the CRD's OpenAPI schema, and tests keep the two field sets identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from prefect_gpu_operator.api.limit_names import DEFAULT_LIMIT_NAME_TEMPLATE, template_problems
+
+__all__ = [
+    "DEFAULT_RESOURCES",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "ApiKeySource",
+    "Condition",
+    "GPULimitPolicySpec",
+    "GPULimitPolicyStatus",
+    "LabelSelector",
+    "LabelSelectorRequirement",
+    "LimitEntry",
+    "PrefectServerReference",
+    "SecretKeySelector",
+    "SecretValueSource",
+    "WorkerNode",
+]
+
+# The resource's identity: apiVersion prefectgpu.io/v1alpha1, kind GPULimitPolicy (cluster-scoped).
+GROUP = "prefectgpu.io"
+VERSION = "v1alpha1"
+KIND = "GPULimitPolicy"
+PLURAL = "gpulimitpolicies"
+SINGULAR = "gpulimitpolicy"
+SHORT_NAME = "glp"
+
+DEFAULT_RESOURCES = ("nvidia.com/gpu",)
+IN_CLUSTER_PORT = 4200
+# Patterns shared with the CRD schema (crd.py), so both sides accept the same strings.
+URL_PATTERN = r"^https?://\S+$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# An extended resource name is domain-prefixed: vendor.example/resource.
+RESOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+class _KubeModel(BaseModel):
+    """camelCase Kubernetes field names on the wire; unknown fields are an error, as in the CRD."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+# --- server reference (shaped like PrefectHQ/prefect-operator's PrefectServerReference) ----------
+
+
+class SecretKeySelector(_KubeModel):
+    name: str = Field(min_length=1, description="Name of the Secret, in the operator's namespace.")
+    key: str = Field(min_length=1, description="Key in the Secret whose value is the API key.")
+
+
+class SecretValueSource(_KubeModel):
+    secret_key_ref: SecretKeySelector = Field(
+        description="Selects a key of a Secret in the operator's namespace."
+    )
+
+
+class ApiKeySource(_KubeModel):
+    # No literal `value` (unlike prefect-operator): a key in a custom resource is readable by
+    # everyone who can read policies, so only a Secret reference is accepted.
+    value_from: SecretValueSource = Field(
+        description="Where to read the API key from. Only secretKeyRef is supported: a literal "
+        "key in the policy is rejected."
+    )
+
+
+class PrefectServerReference(_KubeModel):
+    remote_api_url: str | None = Field(
+        default=None,
+        pattern=URL_PATTERN,
+        description="API URL of a Prefect server outside the cluster or of Prefect Cloud, e.g. "
+        "https://api.prefect.cloud/api. '/api' is appended when missing. Mutually exclusive "
+        "with name/namespace.",
+    )
+    account_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Prefect Cloud account ID. Requires workspaceId and remoteApiUrl.",
+    )
+    workspace_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Prefect Cloud workspace ID. Requires accountId and remoteApiUrl.",
+    )
+    api_key: ApiKeySource | None = Field(
+        default=None, description="API key for Prefect Cloud or an authenticated server."
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        max_length=63,
+        description="Name of an in-cluster PrefectServer (its Service). Requires namespace; the "
+        "API URL is http://<name>.<namespace>.svc:4200/api.",
+    )
+    namespace: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        max_length=63,
+        description="Namespace of the in-cluster PrefectServer.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_server(self) -> PrefectServerReference:
+        if (self.remote_api_url is None) == (self.name is None):
+            raise ValueError("set exactly one of remoteApiUrl or name+namespace")
+        if (self.name is None) != (self.namespace is None):
+            raise ValueError("name and namespace must be set together")
+        if (self.account_id is None) != (self.workspace_id is None):
+            raise ValueError("accountId and workspaceId must be set together")
+        if self.account_id is not None and self.remote_api_url is None:
+            raise ValueError("accountId and workspaceId need remoteApiUrl (Prefect Cloud)")
+        return self
+
+    @property
+    def api_url(self) -> str:
+        """The Prefect API URL, built the way prefect-operator's GetAPIURL builds it."""
+        if self.remote_api_url is not None:
+            url = self.remote_api_url.rstrip("/")
+            if not url.endswith("/api"):
+                url += "/api"
+            if self.account_id is not None and self.workspace_id is not None:
+                url += f"/accounts/{self.account_id}/workspaces/{self.workspace_id}"
+            return url
+        return f"http://{self.name}.{self.namespace}.svc:{IN_CLUSTER_PORT}/api"
+
+
+# --- node selector: a standard metav1.LabelSelector ----------------------------------------------
+
+
+class LabelSelectorRequirement(_KubeModel):
+    key: str = Field(min_length=1, description="The label key the requirement applies to.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the key relates to the values: In, NotIn, Exists or DoesNotExist."
+    )
+    values: tuple[str, ...] = Field(
+        default=(),
+        description="Label values. Non-empty for In and NotIn, empty for Exists and DoesNotExist.",
+    )
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> LabelSelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs at least one value")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        return self
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        match self.operator:
+            case "In":
+                return labels.get(self.key) in self.values
+            case "NotIn":  # Kubernetes: a missing key satisfies NotIn
+                return labels.get(self.key) not in self.values
+            case "Exists":
+                return self.key in labels
+            case "DoesNotExist":
+                return self.key not in labels
+
+
+class LabelSelector(_KubeModel):
+    match_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels a node must carry with exactly these values (ANDed with "
+        "matchExpressions).",
+    )
+    match_expressions: tuple[LabelSelectorRequirement, ...] = Field(
+        default=(), description="Label requirements, all of which a node must satisfy."
+    )
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Kubernetes semantics: every term must hold; an empty selector matches every node."""
+        return all(labels.get(key) == value for key, value in self.match_labels.items()) and all(
+            requirement.matches(labels) for requirement in self.match_expressions
+        )
+
+
+# --- spec ----------------------------------------------------------------------------------------
+
+ResourceName = Annotated[str, Field(pattern=RESOURCE_NAME_PATTERN, max_length=253)]
+
+
+class GPULimitPolicySpec(_KubeModel):
+    server: PrefectServerReference = Field(
+        description="The Prefect API the limits are written to: remoteApiUrl (optionally with "
+        "accountId/workspaceId for Prefect Cloud) or name/namespace of an in-cluster "
+        "PrefectServer, plus an optional apiKey from a Secret."
+    )
+    node_selector: LabelSelector = Field(
+        default_factory=LabelSelector,
+        description="Which nodes get a limit. A standard label selector; empty or absent "
+        "selects every node that has one of the resources.",
+    )
+    resources: tuple[ResourceName, ...] = Field(
+        default=DEFAULT_RESOURCES,
+        min_length=1,
+        description="Extended resources summed per node to count its GPUs, e.g. nvidia.com/gpu, "
+        "nvidia.com/mig-1g.10gb or amd.com/gpu. Nodes with none of them get no limit.",
+    )
+    slots_per_gpu: int = Field(
+        default=1,
+        ge=1,
+        description="Slots per GPU: the limit is allocatable GPUs x slotsPerGpu. Raise it for "
+        "time-sliced GPUs.",
+    )
+    limit_name_template: str = Field(
+        default=DEFAULT_LIMIT_NAME_TEMPLATE,
+        min_length=1,
+        max_length=200,
+        description="Name of each node's global concurrency limit; {node} is replaced by the "
+        "node name. Must contain {node} and none of / % & > <.",
+    )
+    slot_decay_per_second: float | None = Field(
+        default=None,
+        ge=0,
+        description="slot_decay_per_second of the limits, for rate limiting. Absent means 0 "
+        "(no decay: a slot is held until released).",
+    )
+    deletion_policy: Literal["Delete", "Retain"] = Field(
+        default="Delete",
+        description="What happens to a node's limit when the node leaves the policy or the "
+        "policy is deleted: Delete removes it from Prefect, Retain leaves it there unmanaged.",
+    )
+
+    @model_validator(mode="after")
+    def _template_makes_valid_names(self) -> GPULimitPolicySpec:
+        if problems := template_problems(self.limit_name_template):
+            raise ValueError(f"limitNameTemplate is invalid: {'; '.join(problems)}")
+        return self
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+class Condition(_KubeModel):
+    """A metav1.Condition."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(description="Ready, PrefectReachable or Conflict.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="A CamelCase word for the condition's last transition.")
+    message: str = Field(description="Human-readable details.")
+    last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The .metadata.generation the condition was computed for."
+    )
+
+
+class LimitEntry(_KubeModel):
+    """One global concurrency limit owned by the policy."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, description="The limit's name in Prefect.")
+    node: str = Field(min_length=1, description="The node the limit is for.")
+    limit: int = Field(ge=0, description="The limit last written to Prefect.")
+
+
+class WorkerNode(_KubeModel):
+    """A node that runs Prefect pods (pods given WORKER_ID)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    node: str = Field(min_length=1, description="The node running Prefect worker or flow-run pods.")
+    limit: str | None = Field(
+        default=None,
+        description="This policy's limit for the node. Absent when the policy keeps none: GPU "
+        "tasks on the node then fail unless another policy keeps its limit.",
+    )
+
+
+class GPULimitPolicyStatus(_KubeModel):
+    # Status is written by the operator (and kopf may add its own keys): read it leniently.
+    model_config = ConfigDict(extra="ignore")
+
+    conditions: tuple[Condition, ...] = Field(
+        default=(), description="Ready, PrefectReachable and Conflict conditions."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The .metadata.generation last reconciled."
+    )
+    nodes: int = Field(default=0, ge=0, description="Number of nodes with a limit.")
+    total_slots: int = Field(default=0, ge=0, description="Sum of the limits over all nodes.")
+    limits: tuple[LimitEntry, ...] = Field(
+        default=(),
+        description="The ledger: the global concurrency limits this policy owns. The operator "
+        "changes or deletes only limits listed here.",
+    )
+    workers: tuple[WorkerNode, ...] = Field(
+        default=(),
+        description="Nodes where scheduled Prefect pods carry WORKER_ID, each with this policy's "
+        "limit for it, if any.",
+    )

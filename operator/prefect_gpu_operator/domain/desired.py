@@ -1,0 +1,234 @@
+"""Which global concurrency limits should exist: a pure function of the policies and the nodes.
+
+For each policy, every node its ``nodeSelector`` selects that has at least one of its ``resources``
+in ``status.allocatable`` gets one limit, named by ``limitNameTemplate``, of
+``sum(allocatable GPUs) x slotsPerGpu`` slots. When several policies would own the same limit name,
+the oldest policy (creationTimestamp, then name) owns it; the others record a conflict and leave it
+alone, so no two policies ever fight over one limit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from prefect_gpu_operator.api.limit_names import limit_name
+from prefect_gpu_operator.api.policy import GPULimitPolicySpec
+
+__all__ = [
+    "DesiredLimit",
+    "GPUNode",
+    "Policy",
+    "PolicyDesired",
+    "QuantityError",
+    "VerdictCache",
+    "desired_limits",
+    "node_gpus",
+    "parse_quantity",
+]
+
+
+class QuantityError(ValueError):
+    """A resource quantity that is not a whole, non-negative number."""
+
+
+@dataclass(frozen=True)
+class GPUNode:
+    """What the operator reads from a Node: its name, labels and ``status.allocatable``."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    allocatable: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A GPULimitPolicy as the desired-state computation needs it."""
+
+    name: str
+    spec: GPULimitPolicySpec
+    created: datetime
+    generation: int = 1
+
+    @property
+    def seniority(self) -> tuple[datetime, str]:
+        """Older first; the name breaks ties between policies created in the same second."""
+        return (self.created, self.name)
+
+
+@dataclass(frozen=True)
+class DesiredLimit:
+    name: str
+    node: str
+    limit: int
+    slot_decay_per_second: float = 0.0
+
+
+@dataclass(frozen=True)
+class PolicyDesired:
+    """One policy's share of the desired state.
+
+    ``limits``: the limits it owns, by name. ``conflicts``: names it would own but an older policy
+    does (name → that policy). ``unknown``: names of selected nodes whose GPU count could not be
+    read, with the reason; the plan leaves those limits exactly as they are rather than guess.
+    """
+
+    limits: Mapping[str, DesiredLimit] = field(default_factory=dict)
+    conflicts: Mapping[str, str] = field(default_factory=dict)
+    unknown: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def total_slots(self) -> int:
+        return sum(limit.limit for limit in self.limits.values())
+
+
+# --- quantities ----------------------------------------------------------------------------------
+
+_QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
+# Suffix → power of ten (SI) or of two (binary).
+_DECIMAL_SUFFIXES = dict(zip("numkMGTPE", (-9, -6, -3, 3, 6, 9, 12, 15, 18), strict=True)) | {"": 0}
+_BINARY_SUFFIXES = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+
+
+def parse_quantity(quantity: str) -> int:
+    """A Kubernetes quantity as a whole count: "4" → 4, "1k" → 1000, "2000m" → 2.
+
+    Extended resources such as GPUs are whole devices, so "500m" or "1.5" is an error, as is a
+    negative count.
+    """
+    if quantity.isdigit():  # the usual case ("4"): skip the general parser
+        return int(quantity)
+    match = _QUANTITY.match(quantity.strip())
+    if match is None:
+        raise QuantityError(f"{quantity!r} is not a Kubernetes quantity")
+    number, suffix = match.group(1), match.group(2) or ""
+    value = Decimal(number)  # the regex admits only valid decimals
+    if suffix in _BINARY_SUFFIXES:
+        value *= 2 ** _BINARY_SUFFIXES[suffix]
+    elif suffix[:1] in ("e", "E"):
+        value = value.scaleb(int(suffix[1:]))
+    else:
+        value = value.scaleb(_DECIMAL_SUFFIXES[suffix])
+    if value != value.to_integral_value():
+        raise QuantityError(f"{quantity!r} is fractional; GPUs are counted in whole devices")
+    if value < 0:
+        raise QuantityError(f"{quantity!r} is negative")
+    return int(value)
+
+
+def node_gpus(node: GPUNode, resources: Iterable[str]) -> int | None:
+    """The node's allocatable GPUs summed over ``resources``; None if it has none of them.
+
+    None (no such resource at all) means "not a GPU node": no limit. 0 (the resource is there but
+    nothing is allocatable, e.g. the device plugin reports all GPUs unhealthy) is a real count: the
+    node keeps a limit of 0 on purpose. Prefect fails an acquire on a 0 limit at once instead of
+    waiting, which is why the flows side waits for a slot itself rather than treating it as fatal,
+    and deleting the limit instead would drop the slots running tasks still hold.
+    """
+    quantities = [node.allocatable[name] for name in resources if name in node.allocatable]
+    if not quantities:
+        return None
+    try:
+        return sum(parse_quantity(quantity) for quantity in quantities)
+    except QuantityError as error:
+        raise QuantityError(f"node {node.name}: {error}") from error
+
+
+# --- the desired state ---------------------------------------------------------------------------
+
+
+# A node's verdict under one policy: (limit name, its limit, or why its GPUs cannot be read).
+_Verdict = tuple[str, DesiredLimit | None, str | None]
+
+
+class VerdictCache:
+    """Verdicts of (policy, node) pairs kept between calls of :func:`desired_limits`.
+
+    Policies and nodes are immutable values, and the operator keeps the same object while one is
+    unchanged, so an entry whose policy and node are the very objects passed again is still
+    right: after a node change only that node is evaluated again, not all of them.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]] = {}
+
+
+def _node_verdict(policy: Policy, node: GPUNode) -> _Verdict | None:
+    """None when the policy gives the node no limit (not selected, or no such resource)."""
+    spec = policy.spec
+    if not spec.node_selector.matches(node.labels):
+        return None
+    name = limit_name(spec.limit_name_template, node.name)
+    try:
+        gpus = node_gpus(node, spec.resources)
+    except QuantityError as error:
+        return name, None, str(error)
+    if gpus is None:
+        return None
+    decay = spec.slot_decay_per_second or 0.0
+    return name, DesiredLimit(name, node.name, gpus * spec.slots_per_gpu, decay), None
+
+
+def _policy_candidates(
+    policy: Policy,
+    nodes: Iterable[GPUNode],
+    cache: VerdictCache | None,
+    kept: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]],
+) -> tuple[dict[str, DesiredLimit], dict[str, str]]:
+    """The limits ``policy`` wants on its own, and the names it cannot compute (name → reason)."""
+    wanted: dict[str, DesiredLimit] = {}
+    unknown: dict[str, str] = {}
+    for node in nodes:
+        key = (policy.name, node.name)
+        cached = cache.entries.get(key) if cache is not None else None
+        if cached is not None and cached[0] is policy and cached[1] is node:
+            verdict = cached[2]
+        else:
+            verdict = _node_verdict(policy, node)
+        kept[key] = (policy, node, verdict)
+        if verdict is None:
+            continue
+        name, limit, reason = verdict
+        if limit is not None:
+            wanted[name] = limit
+        else:
+            unknown[name] = reason or "unreadable"
+    return wanted, unknown
+
+
+def desired_limits(
+    policies: Iterable[Policy],
+    nodes: Iterable[GPUNode],
+    cache: VerdictCache | None = None,
+) -> dict[str, PolicyDesired]:
+    """Every policy's desired limits (by policy name), with name conflicts resolved by seniority.
+
+    ``cache`` (optional) carries per-node verdicts from the previous call; the result is the same
+    with or without it.
+    """
+    nodes = sorted(nodes, key=lambda node: node.name)
+    owner: dict[str, str] = {}  # limit name → the oldest policy that wants it
+    result: dict[str, PolicyDesired] = {}
+    kept: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]] = {}
+    for policy in sorted(policies, key=lambda policy: policy.seniority):
+        wanted, unknown = _policy_candidates(policy, nodes, cache, kept)
+        mine: dict[str, DesiredLimit] = {}
+        conflicts: dict[str, str] = {}
+        for name in sorted(wanted.keys() | unknown.keys()):
+            if name in owner:
+                conflicts[name] = owner[name]
+                continue
+            owner[name] = policy.name
+            if name in wanted:
+                mine[name] = wanted[name]
+        result[policy.name] = PolicyDesired(
+            limits=mine,
+            conflicts=conflicts,
+            unknown={name: reason for name, reason in unknown.items() if name not in conflicts},
+        )
+    if cache is not None:
+        cache.entries = kept  # only pairs still present: deleted nodes and policies drop out
+    return result

@@ -1,0 +1,127 @@
+"""kopf wiring: short handlers that feed the runtime and run one reconcile loop per policy.
+
+Nodes and Pods are only watched (``on.event`` writes nothing to the object), so the operator
+needs no write access to them and never annotates them. Policies carry the finalizer and kopf's
+progress annotations under the ``prefectgpu.io`` prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from prefect_gpu_operator.adapters.kube import Kube
+from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
+from prefect_gpu_operator.runtime.controller import Event, Operator
+from prefect_gpu_operator.settings import OperatorSettings
+
+POLICIES = (GROUP, VERSION, PLURAL)
+log = logging.getLogger(__name__)
+
+
+def _operator(memo: Any) -> Operator:
+    operator: Operator = memo.operator
+    return operator
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    config = OperatorSettings()
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING  # our own events are posted explicitly
+    settings.batching.batch_window = 0.01  # react to a node change in milliseconds, not 100 ms
+    settings.watching.server_timeout = 300
+    settings.peering.lifetime = config.peering_lifetime_seconds
+    settings.peering.priority = (
+        config.peering_priority
+        if config.peering_priority is not None
+        else random.randint(1, 2**31 - 1)  # equal priorities would pause every replica
+    )
+    operator = Operator(config, Kube())
+    # Seed the node view before any policy reconciles, so a restart never sees "no nodes" and
+    # deletes limits that are still needed.
+    for node in await operator.kube.list_gpu_nodes():
+        operator.nodes[node.name] = node
+    memo.operator = operator
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.health_address)
+
+
+@kopf.on.cleanup()
+async def stop(memo: Any, **_: Any) -> None:
+    await _operator(memo).close()
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    _operator(memo).observe_node(body, deleted=type == "DELETED")
+
+
+@kopf.index(*POLICIES)
+async def policies_seen(body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Observe policies before anything else: kopf runs no handler until indexed resources are
+    listed, so the first worker-pod check at start-up already knows every policy."""
+    _operator(memo).observe_policy(body)
+
+
+@kopf.on.event("", "v1", "pods")
+async def pod_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    warning = _operator(memo).observe_pod(body, deleted=type == "DELETED")
+    if warning:
+        kopf.warn(body, reason="NoGPULimit", message=warning)
+
+
+@kopf.on.event(*POLICIES)
+async def policy_deleted(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    # Additions and changes reach the operator through the index above, on every event.
+    if type == "DELETED":
+        _operator(memo).forget_policy(body["metadata"]["name"])
+
+
+def _post(body: kopf.Body, events: list[Event]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+@kopf.daemon(*POLICIES, cancellation_timeout=5.0)
+async def reconcile_policy(
+    name: str, body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    """Reconcile on every relevant change and every resync interval, backing off on errors."""
+    operator = _operator(memo)
+    record = operator.observe_policy(body)
+    full, failures = True, 0
+    while not stopped:
+        record.wake.clear()
+        events = await operator.reconcile(name, full=full)
+        _post(body, events)
+        failures = failures + 1 if any(e.reason == "PrefectUnreachable" for e in events) else 0
+        if failures:
+            delay = min(operator.settings.retry_max_seconds, 0.5 * 2**failures)
+            delay *= random.uniform(0.8, 1.2)  # several policies must not retry in lockstep
+        else:
+            delay = operator.settings.resync_seconds
+        try:
+            await asyncio.wait_for(record.wake.wait(), timeout=delay)
+            full = failures > 0
+        except TimeoutError:
+            full = True
+
+
+@kopf.on.delete(*POLICIES)
+async def finalize_policy(name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Apply the deletionPolicy to every limit the policy owns before it goes away."""
+    operator = _operator(memo)
+    operator.observe_policy(body)
+    events = await operator.reconcile(name, full=True, deleting=True)
+    _post(body, events)
+    if any(e.type == "Warning" for e in events):
+        raise kopf.TemporaryError("limits not released yet; retrying", delay=5)
+    operator.forget_policy(name)

@@ -1,0 +1,78 @@
+"""A real Prefect server on 127.0.0.1 with its own PREFECT_HOME, on SQLite or a given database."""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect_gpu_sandbox.processes import ServerProcess, free_port
+
+__all__ = ["PrefectServer", "server_environment"]
+
+_READY_TIMEOUT = 120.0
+
+
+def server_environment(home: Path, database_url: str | None = None) -> dict[str, str]:
+    """Settings for a private, quiet server whose concurrency leases survive restarts."""
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": (
+            database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+        ),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+        # The default in-memory lease storage forgets held slots on restart and leaks them.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+            "prefect.server.concurrency.lease_storage.filesystem"
+        ),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+
+
+@dataclass
+class PrefectServer:
+    """``prefect server start`` in a process group; ``start()`` returns once /api/health is ok."""
+
+    home: Path
+    database_url: str | None = None  # None: SQLite in ``home``
+    port: int = field(default_factory=free_port)
+    process: ServerProcess | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("PREFECT_")  # a caller's profile must not leak into the server
+        }
+        env.update(server_environment(self.home, self.database_url))
+        prefect = Path(sys.executable).with_name("prefect")
+        self.process = ServerProcess(
+            "prefect-server",
+            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            log_path=self.home / "server.log",
+            env=env,
+        )
+        self.process.start()
+        self.process.wait_ready(self.healthy, timeout=_READY_TIMEOUT)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()

@@ -1,0 +1,56 @@
+"""Where the control plane's binaries live, and how they get there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+__all__ = ["K8S_VERSION", "TOOLS", "ToolsMissingError", "ensure_tools", "tools_bin"]
+
+K8S_VERSION = "v1.37.1"
+TOOLS = ("etcd", "kube-apiserver", "kubectl", "helm")
+_INSTALL_SCRIPT = Path(__file__).with_name("install-tools.sh")
+
+
+class ToolsMissingError(RuntimeError):
+    """The control-plane binaries are not installed."""
+
+
+def cache_dir() -> Path:
+    if override := os.environ.get("PREFECT_GPU_OPERATOR_CACHE"):
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "prefect-gpu-operator"
+
+
+def tools_bin() -> Path:
+    """The directory holding etcd, kube-apiserver, kubectl and helm for ``K8S_VERSION``."""
+    if override := os.environ.get("PREFECT_GPU_OPERATOR_TOOLS_BIN"):
+        return Path(override)
+    return cache_dir() / "tools" / K8S_VERSION / "bin"
+
+
+def missing_tools(needed: tuple[str, ...] = TOOLS) -> list[str]:
+    return [tool for tool in needed if not os.access(tools_bin() / tool, os.X_OK)]
+
+
+def ensure_tools(needed: tuple[str, ...] = TOOLS, *, install: bool = False) -> Path:
+    """Return the tools directory; build what is missing when ``install`` is set."""
+    missing = missing_tools(needed)
+    if missing and install:
+        env = {
+            **os.environ,
+            "K8S_VERSION": K8S_VERSION,
+            "PREFECT_GPU_OPERATOR_TOOLS_BIN": str(tools_bin()),
+        }
+        # The script prints the bin directory on stdout and its progress on stderr.
+        script = ["bash", str(_INSTALL_SCRIPT)]
+        subprocess.run(script, check=True, env=env, stdout=subprocess.DEVNULL)
+        missing = missing_tools(needed)
+    if missing:
+        raise ToolsMissingError(
+            f"missing {', '.join(missing)} in {tools_bin()}: run "
+            "`prefect-gpu-sandbox install-tools` (builds them with Go, cached by version)"
+        )
+    return tools_bin()
