@@ -23,12 +23,8 @@ from tests.support.procs import surviving_children
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A running etcd + kube-apiserver (RBAC on) with an admin kubeconfig."""
-    plane = ControlPlane(tmp_path_factory.mktemp("cluster"))
-    try:
-        plane.start()
+    with ControlPlane(tmp_path_factory.mktemp("cluster")) as plane:
         yield plane
-    finally:
-        plane.stop()
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +56,8 @@ def gpu_nodes(core_v1: client.CoreV1Api) -> Iterator[NodeFactory]:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A real Prefect server on SQLite with its own PREFECT_HOME."""
-    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
-    try:
-        server.start()
+    with PrefectServer(tmp_path_factory.mktemp("prefect")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,8 @@ REFUSED_STATUSES = frozenset({409, 500, 503})
 
 
 def release(prefect: SyncPrefectClient, lease_id: UUID) -> bool:
-    """Give a lease's slot back; False if the server refused and the lease still holds it.
+    """Give a lease's slot back; False if the server refused or could not be reached, and the
+    lease still holds it.
 
     An unknown or expired lease, or one on a deleted limit, counts as given back (True). The
     server refuses while the limit is 0: Prefect 3.9's decrement divides by ``limit`` for its
@@ -148,6 +149,8 @@ def release(prefect: SyncPrefectClient, lease_id: UUID) -> bool:
     try:
         with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
             prefect.release_concurrency_slots_with_lease(lease_id=lease_id)
+    except httpx.TransportError:
+        return False  # unreachable: the lease stays on file and is released once it is back
     except httpx.HTTPStatusError as error:
         if error.response.status_code in REFUSED_STATUSES:
             return False

@@ -45,7 +45,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result: int = args.handler(args)
     return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())

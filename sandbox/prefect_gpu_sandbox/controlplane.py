@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from prefect_gpu_operator.adapters.pki import CertificateAuthority, KeyPair
-from prefect_gpu_sandbox.processes import ServerProcess, free_port
+from prefect_gpu_sandbox.processes import ServerProcess, Service, free_port
 from prefect_gpu_sandbox.tools import ensure_tools
 
 __all__ = ["ControlPlane", "client_certificate", "write_service_account_key"]
@@ -28,7 +28,7 @@ def _b64(data: bytes) -> str:
 
 
 @dataclass
-class ControlPlane:
+class ControlPlane(Service):
     """A real etcd + kube-apiserver pair. ``start()`` returns once ``/readyz`` answers ok."""
 
     directory: Path

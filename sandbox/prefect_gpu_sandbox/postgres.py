@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from prefect_gpu_sandbox.processes import ServerProcess, free_port
+from prefect_gpu_sandbox.processes import ServerProcess, Service, free_port
 
 __all__ = ["PostgresServer", "postgres_bin"]
 
@@ -34,7 +34,7 @@ def postgres_bin() -> Path:
     return candidates[-1].parent
 
 
-class PostgresServer:
+class PostgresServer(Service):
     """``initdb`` + ``postgres`` in a fresh directory; ``database_url`` is for Prefect."""
 
     def __init__(self) -> None:

@@ -9,7 +9,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect_gpu_sandbox.processes import ServerProcess, free_port
+from prefect_gpu_sandbox.processes import ServerProcess, Service, free_port
 
 __all__ = ["PrefectServer", "server_environment"]
 
@@ -36,7 +36,7 @@ def server_environment(home: Path, database_url: str | None = None) -> dict[str,
 
 
 @dataclass
-class PrefectServer:
+class PrefectServer(Service):
     """``prefect server start`` in a process group; ``start()`` returns once /api/health is ok."""
 
     home: Path

@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from prefect_gpu_sandbox.waiting import WaitTimeout, eventually
 
 __all__ = [
     "ServerProcess",
+    "Service",
     "descendants",
     "free_port",
     "group_members",
@@ -106,6 +109,33 @@ def stop_process_group(pgid: int, *, timeout: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         eventually(lambda: not group_members(pgid), timeout=5, what=f"process group {pgid}")
+
+
+class Service:
+    """Servers started and stopped as one. As a context manager it is stopped on the way out,
+    also when starting failed half-way (``stop`` must cope with a partial start)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class ServerProcess:

@@ -12,7 +12,9 @@ from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_operator.api.crd import CRD_FILE
 from prefect_gpu_sandbox.tools import tools_bin
-from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader
+from tests.support.nodes import NodeFactory
+from tests.support.operator import OperatorProcess, PrefectLimitsReader, Scene
+from tests.support.policies import Policies
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "prefect-gpu-operator"
@@ -82,3 +84,15 @@ def prefect_limits(prefect_api_url: str) -> Iterator[PrefectLimitsReader]:
     reader = PrefectLimitsReader(prefect_api_url)
     yield reader
     reader.close()
+
+
+@pytest.fixture
+def scene(
+    operator: OperatorProcess,
+    policies: Policies,
+    gpu_nodes: NodeFactory,
+    prefect_limits: PrefectLimitsReader,
+    prefect_api_url: str,
+) -> Scene:
+    """The module's operator running, and what a test works with (cleaned up after it)."""
+    return Scene(policies, gpu_nodes, prefect_limits, prefect_api_url)

@@ -20,14 +20,9 @@ from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.tools import tools_bin
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
-from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
-from tests.support.webhook import (
-    WORKER_ID_VAR,
-    Pods,
-    WebhookEndpoint,
-    made_tls_files,
-    worker_ids,
-)
+from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
+from tests.support.policies import Policies, pool_spec
+from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, made_tls_files, worker_ids
 
 pytestmark = pytest.mark.integration
 
@@ -376,10 +371,7 @@ def test_operator_runs_with_the_charts_service_account(
         gpu_nodes.create("rbac-a", 4, labels={"pool": "rbac"})
         policies.create(
             "rbac",
-            {
-                "server": {"remoteApiUrl": prefect_api_url},
-                "nodeSelector": {"matchLabels": {"pool": "rbac"}},
-            },
+            pool_spec(prefect_api_url, "rbac"),
         )
         expect_limits(reader, "gpu:rbac-", {"gpu:rbac-a": 4}, timeout=30)
         gpu_nodes.set_gpus("rbac-a", 2)

@@ -13,6 +13,7 @@ from kubernetes.client.rest import ApiException
 from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.tools import K8S_VERSION, tools_bin
 from tests.support.nodes import NodeFactory
+from tests.support.sockets import answers, listening_addresses
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +71,8 @@ def test_versions_are_stamped(kubeconfig: Path) -> None:
     assert _run("helm", "version", "--short").startswith("v3.")
 
 
-def test_rbac_is_enforced(control_plane: ControlPlane, kube_api: client.ApiClient) -> None:
+def test_rbac_is_enforced(kube_api: client.ApiClient, gpu_nodes: NodeFactory) -> None:
+    gpu_nodes.create("node-rbac", gpus=1)
     # A user with no bindings is authenticated by impersonation but authorized for nothing.
     kube_api.set_default_header("Impersonate-User", "nobody")
     try:
@@ -79,8 +81,11 @@ def test_rbac_is_enforced(control_plane: ControlPlane, kube_api: client.ApiClien
         assert error.value.status == 403
     finally:
         kube_api.default_headers.pop("Impersonate-User")
-    assert client.CoreV1Api(kube_api).list_node() is not None
+    names = [node.metadata.name for node in client.CoreV1Api(kube_api).list_node().items]
+    assert "node-rbac" in names  # the admin the kubeconfig names may
 
 
 def test_binds_loopback_only(control_plane: ControlPlane) -> None:
-    assert control_plane.url.startswith("https://127.0.0.1:")
+    for port in (control_plane.apiserver_port, control_plane.etcd_port):
+        assert answers("127.0.0.1", port)
+        assert listening_addresses(port) == {"127.0.0.1"}

@@ -13,7 +13,8 @@ from kubernetes import client
 from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
-from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
+from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
+from tests.support.policies import Policies, pool_spec
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +43,7 @@ def test_prefect_outage_is_reported_and_survived(
     reader = PrefectLimitsReader(own_prefect.api_url)
     gpu_nodes.create("f1-a", 4, labels={"pool": "f1"})
     gpu_nodes.create("f1-b", 2, labels={"pool": "f1"})
-    spec = {
-        "server": {"remoteApiUrl": own_prefect.api_url},
-        "nodeSelector": {"matchLabels": {"pool": "f1"}},
-    }
+    spec = pool_spec(own_prefect.api_url, "f1")
     policies.create("f1", spec)
     expect_limits(reader, "gpu:f1-", {"gpu:f1-a": 4, "gpu:f1-b": 2})
 
@@ -93,10 +91,7 @@ def test_sigkill_mid_reconcile_converges_without_duplicates_or_orphans(
         gpu_nodes.create(f"f2-{index:02d}", 1 + index % 8, labels={"pool": "f2"})
         expected[f"gpu:f2-{index:02d}"] = 1 + index % 8
     first = OperatorProcess(kubeconfig, tmp_path / "first.log", resync_seconds=600).start()
-    spec = {
-        "server": {"remoteApiUrl": own_prefect.api_url},
-        "nodeSelector": {"matchLabels": {"pool": "f2"}},
-    }
+    spec = pool_spec(own_prefect.api_url, "f2")
     policies.create("f2", spec)
 
     def some_created() -> int:

@@ -11,7 +11,8 @@ import pytest
 from prefect_gpu_sandbox.tools import tools_bin
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
-from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
+from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
+from tests.support.policies import Policies, pool_spec
 
 pytestmark = pytest.mark.integration
 
@@ -83,10 +84,7 @@ def test_one_replica_reconciles_and_the_other_takes_over(
         gpu_nodes.create("ha-a", 4, labels={"pool": "ha"})
         policies.create(
             "ha",
-            {
-                "server": {"remoteApiUrl": prefect_api_url},
-                "nodeSelector": {"matchLabels": {"pool": "ha"}},
-            },
+            pool_spec(prefect_api_url, "ha"),
         )
         expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 4}, timeout=30)
         gpu_nodes.set_gpus("ha-a", 3)

@@ -9,7 +9,8 @@ import pytest
 
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
-from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
+from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
+from tests.support.policies import Policies, pool_spec
 
 pytestmark = pytest.mark.integration
 
@@ -36,10 +37,7 @@ def test_metrics_health_and_json_logs(
         gpu_nodes.create("m1-b", 2, labels={"pool": "m1"})
         policies.create(
             "m1",
-            {
-                "server": {"remoteApiUrl": prefect_api_url},
-                "nodeSelector": {"matchLabels": {"pool": "m1"}},
-            },
+            pool_spec(prefect_api_url, "m1"),
         )
         expect_limits(prefect_limits, "gpu:m1-", {"gpu:m1-a": 4, "gpu:m1-b": 2})
 

@@ -7,7 +7,8 @@ from kubernetes import client
 
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
-from tests.support.operator import OperatorProcess, Policies, PrefectLimitsReader, expect_limits
+from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
+from tests.support.policies import Policies, pool_spec
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +30,7 @@ def test_node_noise_costs_no_prefect_call_and_nodes_are_never_written(
 ) -> None:
     gpu_nodes.create("n1-a", 4, labels={"pool": "n1"})
     untouched = gpu_nodes.create("n1-b", 2, labels={"pool": "n1"})
-    spec = {
-        "server": {"remoteApiUrl": prefect_api_url},
-        "nodeSelector": {"matchLabels": {"pool": "n1"}},
-    }
+    spec = pool_spec(prefect_api_url, "n1")
     policies.create("n1", spec)
     expect_limits(prefect_limits, "gpu:n1-", {"gpu:n1-a": 4, "gpu:n1-b": 2})
     eventually(lambda: _settled(policies, "n1", 2))

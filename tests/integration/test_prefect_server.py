@@ -9,6 +9,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectNotFound
 
+from prefect_gpu_sandbox.prefect_server import PrefectServer
+from tests.support.sockets import answers, listening_addresses
+
 pytestmark = pytest.mark.integration
 
 
@@ -32,5 +35,6 @@ def test_gcl_round_trip(prefect_api_url: str) -> None:
     asyncio.run(scenario())
 
 
-def test_server_binds_loopback_only(prefect_api_url: str) -> None:
-    assert prefect_api_url.startswith("http://127.0.0.1:")
+def test_server_binds_loopback_only(prefect_server: PrefectServer) -> None:
+    assert answers("127.0.0.1", prefect_server.port)
+    assert listening_addresses(prefect_server.port) == {"127.0.0.1"}

@@ -19,7 +19,8 @@ from kubernetes import client
 
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
-from tests.support.operator import OperatorProcess, Policies
+from tests.support.operator import OperatorProcess
+from tests.support.policies import Policies, pool_spec
 from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
 
 pytestmark = pytest.mark.integration
@@ -170,10 +171,7 @@ def test_worker_nodes_in_status_and_a_warning_without_limit(
     gpu_nodes.create("w1-cpu", resources={}, labels={"pool": "w1"})
     policies.create(
         "w1",
-        {
-            "server": {"remoteApiUrl": prefect_api_url},
-            "nodeSelector": {"matchLabels": {"pool": "w1"}},
-        },
+        pool_spec(prefect_api_url, "w1"),
     )
     eventually(lambda: _assert_equal(policies.status("w1").get("nodes"), 1))
     pods.create("w1-on-gpu", WORKER, node="w1-gpu")

@@ -22,13 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from prefect_gpu_operator.adapters.webhook_tls import WebhookTLS, ensure_webhook_tls
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.operator import OperatorProcess
-from tests.support.webhook import (
-    WORKER_ID_VAR,
-    Pods,
-    WebhookEndpoint,
-    made_tls_files,
-    worker_ids,
-)
+from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, made_tls_files, worker_ids
 
 pytestmark = pytest.mark.integration
 

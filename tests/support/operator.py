@@ -7,19 +7,19 @@ import sys
 import time
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
 from prefect_gpu_sandbox.processes import ServerProcess, free_port
 from prefect_gpu_sandbox.waiting import eventually
+from tests.support.nodes import NodeFactory
+from tests.support.policies import Policies
 
-__all__ = ["OperatorProcess", "Policies", "PrefectLimitsReader"]
+__all__ = ["OperatorProcess", "PrefectLimitsReader", "Scene", "expect_limits"]
 
 
 class OperatorProcess:
@@ -53,7 +53,7 @@ class OperatorProcess:
             [
                 sys.executable,
                 "-m",
-                "prefect_gpu_operator.cli",
+                "prefect_gpu_operator",
                 "run",
                 *(["--verbose"] if verbose else []),
             ],
@@ -97,74 +97,6 @@ class OperatorProcess:
 
     def prefect_calls(self) -> float:
         return self.metric("prefect_gpu_operator_prefect_api_calls_total")
-
-
-class Policies:
-    """Create, read and delete GPULimitPolicies; deletes what it created."""
-
-    def __init__(self, api: client.ApiClient) -> None:
-        self.custom = client.CustomObjectsApi(api)
-        self.core = client.CoreV1Api(api)
-        self.created: list[str] = []
-
-    def create(self, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "GPULimitPolicy",
-            "metadata": {"name": name},
-            "spec": dict(spec),
-        }
-        created: dict[str, Any] = self.custom.create_cluster_custom_object(
-            GROUP, VERSION, PLURAL, body
-        )
-        self.created.append(name)
-        return created
-
-    def get(self, name: str) -> dict[str, Any]:
-        found: dict[str, Any] = self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        return found
-
-    def patch_spec(self, name: str, spec: Mapping[str, Any]) -> None:
-        self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": dict(spec)})
-
-    def status(self, name: str) -> dict[str, Any]:
-        return dict(self.get(name).get("status") or {})
-
-    def condition(self, name: str, kind: str) -> dict[str, Any]:
-        for condition in self.status(name).get("conditions") or []:
-            if condition["type"] == kind:
-                return dict(condition)
-        raise AssertionError(f"{name} has no {kind} condition yet")
-
-    def exists(self, name: str) -> bool:
-        try:
-            self.get(name)
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
-
-    def delete(self, name: str, *, wait: float = 30.0) -> None:
-        try:
-            self.custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        except ApiException as error:
-            if error.status != 404:
-                raise
-        eventually(lambda: not self.exists(name), timeout=wait, what=f"deletion of {name}")
-        if name in self.created:
-            self.created.remove(name)
-
-    def events(self, name: str) -> list[str]:
-        """Reasons of the Events on the policy, oldest first."""
-        found = self.core.list_event_for_all_namespaces(
-            field_selector=f"involvedObject.name={name},involvedObject.kind=GPULimitPolicy"
-        )
-        return [event.reason or "" for event in found.items]
-
-    def delete_all(self) -> None:
-        for name in list(self.created):
-            self.delete(name)
 
 
 class PrefectLimitsReader:
@@ -215,6 +147,17 @@ class PrefectLimitsReader:
 
     def close(self) -> None:
         self.http.close()
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an operator test works with while the module's operator runs: its policies, the GPU
+    nodes it made and the Prefect server's limits."""
+
+    policies: Policies
+    nodes: NodeFactory
+    limits: PrefectLimitsReader
+    api_url: str
 
 
 def expect_limits(

@@ -11,10 +11,22 @@ import httpx
 import pytest
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
-from prefect_gpu_flows import GpuLease, MissingWorkerIdError, SlotConfig, _gcl, get_worker_id
+from prefect_gpu_flows import (
+    GpuLease,
+    GpuSlotError,
+    MissingWorkerIdError,
+    SlotConfig,
+    _gcl,
+    get_worker_id,
+)
 from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, try_lock, unlock
 
-_ENV = ("PREFECT_GPU_LIMIT_PREFIX", "PREFECT_GPU_LOCK_DIR", "PREFECT_GPU_DEVICE_COUNT")
+_ENV = (
+    "PREFECT_GPU_LIMIT_TEMPLATE",
+    "PREFECT_GPU_LIMIT_PREFIX",
+    "PREFECT_GPU_LOCK_DIR",
+    "PREFECT_GPU_DEVICE_COUNT",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,15 +58,41 @@ def test_config_defaults_follow_prefect_per_worker_example(
 
 def test_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WORKER_ID", "node-a.example.com")
-    monkeypatch.setenv("PREFECT_GPU_LIMIT_PREFIX", "gpus/")
+    monkeypatch.setenv("PREFECT_GPU_LIMIT_TEMPLATE", "{node}-gpu")
     monkeypatch.setenv("PREFECT_GPU_LOCK_DIR", str(tmp_path))
     monkeypatch.setenv("PREFECT_GPU_DEVICE_COUNT", "2")  # time-sliced: 2 GPUs, 2 slots each
     monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "120")
     config = SlotConfig.from_env()
-    assert config.limit_name == "gpus/node-a.example.com"
+    assert config.limit_name == "node-a.example.com-gpu"  # a policy's limitNameTemplate
     assert config.lock_dir == tmp_path / "node-a.example.com"
     assert config.lease_seconds == 120
     assert [config.device_of(slot) for slot in range(4)] == [0, 1, 0, 1]
+
+
+def test_the_older_prefix_setting_still_names_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_ID", "n")
+    monkeypatch.setenv("PREFECT_GPU_LIMIT_PREFIX", "inference:")
+    assert SlotConfig.from_env().limit_name == "inference:n"
+    monkeypatch.setenv("PREFECT_GPU_LIMIT_TEMPLATE", "team-a:{node}")  # the template wins
+    assert SlotConfig.from_env().limit_name == "team-a:n"
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [("gpu", "must contain {node}"), ("gpu/{node}", "must not contain /")],
+)
+def test_an_invalid_template_says_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, template: str, problem: str
+) -> None:
+    monkeypatch.setenv("WORKER_ID", "n")
+    monkeypatch.setenv("PREFECT_GPU_LIMIT_TEMPLATE", template)
+    with pytest.raises(GpuSlotError, match=problem):
+        SlotConfig.from_env()
+
+
+def test_a_worker_id_prefect_cannot_name_is_an_error() -> None:
+    with pytest.raises(GpuSlotError, match="WORKER_ID='a/b'"):
+        _ = SlotConfig("a/b").limit_name
 
 
 def test_lease_devices_without_cuda() -> None:
@@ -148,6 +186,16 @@ def test_release_maps_refusals_and_never_retries(status: int, released: bool) ->
     assert _gcl.release(prefect, uuid4()) is released  # type: ignore[arg-type]
     assert prefect.retries_seen == [0]
     assert PREFECT_CLIENT_MAX_RETRIES.value() != 0  # only for that call
+
+
+class _UnreachableClient:
+    def release_concurrency_slots_with_lease(self, lease_id: object) -> None:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+
+def test_an_unreachable_server_keeps_the_lease_for_later() -> None:
+    """A release during an outage must not fail the task that happened to make it."""
+    assert _gcl.release(_UnreachableClient(), uuid4()) is False  # type: ignore[arg-type]
 
 
 def test_release_raises_other_errors() -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prefect_gpu_operator.domain.plan import ObservedLimit
-from prefect_gpu_operator.runtime.controller import newest_observation
+from prefect_gpu_operator.domain.plan import ObservedLimit, newest_observation
 
 
 def limit(name: str, value: int) -> ObservedLimit:

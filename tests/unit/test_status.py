@@ -2,17 +2,84 @@
 
 from __future__ import annotations
 
-from prefect_gpu_operator.domain.status import Outcome, build_status
+from prefect_gpu_operator.api.policy import GPULimitPolicyStatus, LimitEntry, WorkerNode
+from prefect_gpu_operator.domain.plan import Plan
+from prefect_gpu_operator.domain.status import Outcome, build_status, with_ledger
 from prefect_gpu_operator.domain.worker_pods import worker_entries
+from prefect_gpu_operator.runtime.status_writer import status_body
+
+A = LimitEntry(name="gpu:a", node="a", limit=4)
+B = LimitEntry(name="gpu:b", node="b", limit=2)
+EMPTY = GPULimitPolicyStatus()
 
 
-def test_worker_entries_in_status() -> None:
-    limits = [{"name": "gpu:gpu-1", "node": "gpu-1", "limit": 4}]
-    assert worker_entries({"gpu-1", "cpu-1"}, limits) == [
-        {"node": "cpu-1"},
-        {"node": "gpu-1", "limit": "gpu:gpu-1"},
-    ]
-    status = build_status(
-        Outcome(1, prefect_error="down", workers=frozenset({"gpu-1"})), {"limits": limits}, "now"
+def conditions(status: GPULimitPolicyStatus) -> dict[str, tuple[str, str, str]]:
+    return {c.type: (c.status, c.reason, c.last_transition_time) for c in status.conditions}
+
+
+def test_a_synced_plan_makes_a_ready_status_with_its_ledger() -> None:
+    status = build_status(Outcome(3, Plan(ledger=(A, B))), EMPTY, "t1")
+    assert status.limits == (A, B)
+    assert (status.nodes, status.total_slots, status.observed_generation) == (2, 6, 3)
+    assert conditions(status) == {
+        "Ready": ("True", "LimitsInSync", "t1"),
+        "PrefectReachable": ("True", "Connected", "t1"),
+        "Conflict": ("False", "NoConflict", "t1"),
+    }
+    assert status.conditions[0].message == "2 limits with 6 slots in sync"
+    assert {c.observed_generation for c in status.conditions} == {3}
+
+
+def test_transition_time_moves_only_when_a_condition_flips() -> None:
+    synced = build_status(Outcome(1, Plan(ledger=(A,))), EMPTY, "t1")
+    again = build_status(Outcome(2, Plan(ledger=(A, B))), synced, "t2")
+    assert {kind: since for kind, (_, _, since) in conditions(again).items()} == {
+        "Ready": "t1",
+        "PrefectReachable": "t1",
+        "Conflict": "t1",
+    }
+    down = build_status(Outcome(2, Plan(claim=(A, B)), prefect_error="refused"), again, "t3")
+    assert conditions(down)["Ready"] == ("False", "PrefectUnreachable", "t3")
+    assert conditions(down)["PrefectReachable"] == ("False", "RequestFailed", "t3")
+    assert conditions(down)["Conflict"] == ("False", "NoConflict", "t1")  # not re-judged
+    assert down.limits == (A, B)  # the claim: every name it may have created
+
+
+def test_an_invalid_spec_keeps_what_it_cannot_judge() -> None:
+    synced = build_status(Outcome(1, Plan(ledger=(A,))), EMPTY, "t1")
+    invalid = build_status(Outcome(2, spec_error="server: required"), synced, "t2")
+    assert conditions(invalid)["Ready"] == ("False", "InvalidSpec", "t2")
+    assert conditions(invalid)["PrefectReachable"] == ("True", "Connected", "t1")
+    assert (invalid.limits, invalid.nodes, invalid.total_slots) == ((A,), 1, 4)
+    fresh = build_status(Outcome(1, spec_error="server: required"), EMPTY, "t1")
+    assert conditions(fresh)["PrefectReachable"] == ("False", "NotChecked", "t1")
+
+
+def test_conflicts_and_refusals_are_named() -> None:
+    plan = Plan(ledger=(A,), conflicts={"gpu:c": "older"}, refused=("gpu:d",))
+    status = build_status(Outcome(1, plan), EMPTY, "t1")
+    conflict = next(c for c in status.conditions if c.type == "Conflict")
+    assert (conflict.status, conflict.reason) == ("True", "LimitNameTaken")
+    assert "gpu:c (owned by older)" in conflict.message
+    assert "gpu:d" in conflict.message
+
+
+def test_worker_entries_name_the_limit_of_each_worker_node() -> None:
+    assert worker_entries({"b", "cpu"}, (A, B)) == (
+        WorkerNode(node="b", limit="gpu:b"),
+        WorkerNode(node="cpu"),
     )
-    assert status["workers"] == [{"node": "gpu-1", "limit": "gpu:gpu-1"}]
+    status = build_status(
+        Outcome(1, prefect_error="down", workers=frozenset({"a"})), with_ledger(EMPTY, (A,)), "t"
+    )
+    assert status.workers == (WorkerNode(node="a", limit="gpu:a"),)
+
+
+def test_the_body_written_is_the_models_camel_case_dump() -> None:
+    status = build_status(Outcome(1, Plan(ledger=(A,)), workers=frozenset({"x"})), EMPTY, "t1")
+    body = status_body(status)
+    assert body["limits"] == [{"name": "gpu:a", "node": "a", "limit": 4}]
+    assert body["totalSlots"] == 4
+    assert body["workers"] == [{"node": "x"}]  # no limit: the key is left out
+    assert body["conditions"][0]["lastTransitionTime"] == "t1"
+    assert GPULimitPolicyStatus.model_validate(body) == status  # what is read back is the same

@@ -19,6 +19,7 @@ from prefect_gpu_operator.domain.desired import GPUNode
 __all__ = [
     "Kube",
     "SecretNotFound",
+    "StatusNotWritten",
     "api_client",
     "gpu_node",
 ]
@@ -26,6 +27,10 @@ __all__ = [
 
 class SecretNotFound(LookupError):
     """The API-key Secret (or its key) a policy references does not exist."""
+
+
+class StatusNotWritten(RuntimeError):
+    """The API server refused or failed a policy status write (worth retrying later)."""
 
 
 def gpu_node(body: Mapping[str, Any]) -> GPUNode:
@@ -53,7 +58,7 @@ def api_client() -> client.ApiClient:
 
 
 class Kube:
-    """Reads nodes and Secrets, writes policy status."""
+    """Reads nodes and Secrets, writes policy status (the runtime's ``KubeApi``)."""
 
     def __init__(self, api: client.ApiClient | None = None) -> None:
         self.api = api or api_client()
@@ -79,14 +84,17 @@ class Kube:
         return base64.b64decode(data[key]).decode().strip()
 
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
-        await asyncio.to_thread(
-            self.custom.patch_cluster_custom_object_status,
-            GROUP,
-            VERSION,
-            PLURAL,
-            name,
-            {"status": dict(status)},
-        )
+        try:
+            await asyncio.to_thread(
+                self.custom.patch_cluster_custom_object_status,
+                GROUP,
+                VERSION,
+                PLURAL,
+                name,
+                {"status": dict(status)},
+            )
+        except ApiException as error:
+            raise StatusNotWritten(f"{error.status} {error.reason}") from None
 
     def close(self) -> None:
         self.api.close()  # type: ignore[no-untyped-call]

@@ -36,9 +36,10 @@ def _path(name: str) -> str:
 
 
 class PrefectLimits:
-    """Create, read, update and delete global concurrency limits on one Prefect API."""
+    """Create, read, update and delete global concurrency limits on one Prefect API (the runtime's
+    ``LimitsApi``)."""
 
-    def __init__(self, api_url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, api_url: str, api_key: str | None = None, *, timeout: float = 10.0) -> None:
         self.api_url = api_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Literal
 
 from prefect_gpu_operator.api.policy import LimitEntry
 from prefect_gpu_operator.domain.desired import DesiredLimit, PolicyDesired
+from prefect_gpu_operator.domain.events import Event, limit_created, limit_deleted, limit_updated
 
-__all__ = ["ObservedLimit", "Plan", "plan_policy"]
+__all__ = ["Change", "ObservedLimit", "Plan", "changes", "newest_observation", "plan_policy"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,43 @@ def plan_policy(
         claim=_sorted({**owned, **kept}.values()),
         ledger=_sorted(kept.values()),
     )
+
+
+@dataclass(frozen=True)
+class Change:
+    """One Prefect write of a plan, with the Event that reports it once made."""
+
+    action: Literal["create", "update", "delete"]
+    name: str
+    limit: DesiredLimit | None  # None for a delete
+    event: Event
+
+
+def changes(plan: Plan, observed: Mapping[str, ObservedLimit]) -> list[Change]:
+    """The plan's writes in the order they are made: creates, updates, then deletes."""
+    made = [
+        Change("create", limit.name, limit, limit_created(limit.name, limit.limit, limit.node))
+        for limit in plan.create
+    ]
+    for limit in plan.update:
+        before = observed.get(limit.name)
+        event = limit_updated(limit.name, before.limit if before else None, limit.limit)
+        made.append(Change("update", limit.name, limit, event))
+    made += [Change("delete", name, None, limit_deleted(name)) for name in plan.delete]
+    return made
+
+
+def newest_observation(
+    listed: Mapping[str, ObservedLimit],
+    cached: Mapping[str, ObservedLimit],
+    written_meanwhile: AbstractSet[str],
+) -> dict[str, ObservedLimit]:
+    """A listing, except for names the operator wrote while it was in flight: for those the
+    cache (which follows every write) is newer; absent from the cache means deleted."""
+    newest = dict(listed)
+    for name in written_meanwhile:
+        if name in cached:
+            newest[name] = cached[name]
+        else:
+            newest.pop(name, None)
+    return newest

@@ -1,15 +1,24 @@
-"""A policy's status as a pure function of what one reconciliation found and did."""
+"""A policy's status as a pure function of what one reconciliation found and did.
+
+The status has one shape, the ``GPULimitPolicyStatus`` model of ``api/policy.py``: built here,
+written by the runtime as the model's camelCase dump, read back through the same model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
+from prefect_gpu_operator.api.policy import (
+    Condition,
+    GPULimitPolicyStatus,
+    LimitEntry,
+)
 from prefect_gpu_operator.domain.plan import Plan
 from prefect_gpu_operator.domain.worker_pods import worker_entries
 
-__all__ = ["Outcome", "build_status", "condition"]
+__all__ = ["Outcome", "build_status", "condition", "with_ledger"]
 
 
 @dataclass(frozen=True)
@@ -30,20 +39,20 @@ def condition(
     message: str,
     generation: int,
     now: str,
-    previous: Sequence[Mapping[str, Any]] = (),
-) -> dict[str, Any]:
+    previous: Sequence[Condition] = (),
+) -> Condition:
     """A metav1.Condition; lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
-    before = next((c for c in previous if c.get("type") == kind), None)
-    since = before["lastTransitionTime"] if before and before.get("status") == value else now
-    return {
-        "type": kind,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-        "lastTransitionTime": since,
-    }
+    value: Literal["True", "False"] = "True" if status else "False"
+    before = next((c for c in previous if c.type == kind), None)
+    since = before.last_transition_time if before and before.status == value else now
+    return Condition(
+        type=kind,
+        status=value,
+        reason=reason,
+        message=message,
+        observed_generation=generation,
+        last_transition_time=since,
+    )
 
 
 def _conflict_message(plan: Plan) -> str:
@@ -60,53 +69,65 @@ def _conflict_message(plan: Plan) -> str:
     return "; ".join(parts)
 
 
-def build_status(outcome: Outcome, previous: Mapping[str, Any], now: str) -> dict[str, Any]:
-    """The status to write: ledger, counts and the Ready, PrefectReachable, Conflict conditions."""
-    old_conditions = list(previous.get("conditions") or [])
+def _kept(kind: str, previous: Sequence[Condition], fallback: Condition) -> Condition:
+    return next((c for c in previous if c.type == kind), fallback)
+
+
+def with_ledger(
+    previous: GPULimitPolicyStatus, ledger: Iterable[LimitEntry]
+) -> GPULimitPolicyStatus:
+    """``previous`` with the ledger replaced: the write-ahead before Prefect calls."""
+    return previous.model_copy(update={"limits": tuple(ledger)})
+
+
+def build_status(
+    outcome: Outcome, previous: GPULimitPolicyStatus, now: str
+) -> GPULimitPolicyStatus:
+    """The status to write: ledger, counts, workers and the Ready, PrefectReachable and Conflict
+    conditions. What this reconciliation did not learn (no plan yet) keeps its previous value."""
+    old = previous.conditions
     generation = outcome.generation
 
-    def make(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
-        return condition(kind, ok, reason, message, generation, now, old_conditions)
+    def make(kind: str, ok: bool, reason: str, message: str) -> Condition:
+        return condition(kind, ok, reason, message, generation, now, old)
 
-    status: dict[str, Any] = {"observedGeneration": generation}
     if outcome.spec_error is not None:
         ready = make("Ready", False, "InvalidSpec", outcome.spec_error)
-        reachable = next(
-            (c for c in old_conditions if c.get("type") == "PrefectReachable"),
+        reachable = _kept(
+            "PrefectReachable",
+            old,
             make("PrefectReachable", False, "NotChecked", "the spec is invalid"),
         )
         conflict = make("Conflict", False, "NoConflict", "")
     elif outcome.prefect_error is not None:
         ready = make("Ready", False, "PrefectUnreachable", outcome.prefect_error)
         reachable = make("PrefectReachable", False, "RequestFailed", outcome.prefect_error)
-        conflict = next(
-            (c for c in old_conditions if c.get("type") == "Conflict"),
-            make("Conflict", False, "NoConflict", ""),
-        )
+        conflict = _kept("Conflict", old, make("Conflict", False, "NoConflict", ""))
     else:
         plan = outcome.plan or Plan()
         reachable = make("PrefectReachable", True, "Connected", "the Prefect API answers")
         message = _conflict_message(plan)
         conflict = make(
-            "Conflict",
-            bool(message),
-            "LimitNameTaken" if message else "NoConflict",
-            message,
+            "Conflict", bool(message), "LimitNameTaken" if message else "NoConflict", message
         )
         slots = sum(entry.limit for entry in plan.ledger)
         ready = make(
-            "Ready",
-            True,
-            "LimitsInSync",
-            f"{len(plan.ledger)} limits with {slots} slots in sync",
+            "Ready", True, "LimitsInSync", f"{len(plan.ledger)} limits with {slots} slots in sync"
         )
+    ledger = previous.limits
     if outcome.plan is not None:
         ledger = outcome.plan.ledger if outcome.prefect_error is None else outcome.plan.claim
-        status["limits"] = [entry.model_dump(by_alias=True) for entry in ledger]
-        status["nodes"] = len(ledger)
-        status["totalSlots"] = sum(entry.limit for entry in ledger)
-    status["conditions"] = [ready, reachable, conflict]
-    status["workers"] = worker_entries(
-        outcome.workers, status.get("limits", previous.get("limits") or [])
+    counts = (
+        {"nodes": len(ledger), "total_slots": sum(entry.limit for entry in ledger)}
+        if outcome.plan is not None
+        else {}
     )
-    return status
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": (ready, reachable, conflict),
+            "limits": ledger,
+            "workers": worker_entries(outcome.workers, ledger),
+            **counts,
+        }
+    )

@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect_gpu_operator.api.policy import LimitEntry, WorkerNode
 from prefect_gpu_operator.domain.injection import defines_worker_id
 
-__all__ = ["WorkerPods", "no_limit_message", "worker_entries"]
+__all__ = ["WorkerPods", "worker_entries"]
 
 
 @dataclass
@@ -50,21 +51,7 @@ class WorkerPods:
         return node
 
 
-def worker_entries(
-    nodes: Iterable[str], limits: Iterable[Mapping[str, Any]]
-) -> list[dict[str, str]]:
+def worker_entries(nodes: Iterable[str], ledger: Iterable[LimitEntry]) -> tuple[WorkerNode, ...]:
     """Status ``workers``: each node running Prefect pods, with the policy's limit for it if any."""
-    limit_of = {str(entry["node"]): str(entry["name"]) for entry in limits}
-    return [
-        {"node": node, **({"limit": limit_of[node]} if node in limit_of else {})}
-        for node in sorted(nodes)
-    ]
-
-
-def no_limit_message(node: str) -> str:
-    return (
-        f"node {node} has no GPU concurrency limit: no GPULimitPolicy selects it with a GPU "
-        f"resource it has, so GPU tasks in this pod (which acquire the limit for "
-        f"WORKER_ID={node}) will fail. Schedule the pod on a GPU node a policy selects, or "
-        f"widen a policy's nodeSelector/resources."
-    )
+    limit_of = {entry.node: entry.name for entry in ledger}
+    return tuple(WorkerNode(node=node, limit=limit_of.get(node)) for node in sorted(nodes))

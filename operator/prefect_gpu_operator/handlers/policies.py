@@ -1,4 +1,4 @@
-"""kopf wiring: short handlers that feed the runtime and run one reconcile loop per policy.
+"""kopf wiring: short handlers that feed the controller and run one reconcile loop per policy.
 
 Nodes and Pods are only watched (``on.event`` writes nothing to the object), so the operator
 needs no write access to them and never annotates them. Policies carry the finalizer and kopf's
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -17,16 +18,17 @@ from prometheus_client import start_http_server
 
 from prefect_gpu_operator.adapters.kube import Kube
 from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
-from prefect_gpu_operator.runtime.controller import Event, Operator
+from prefect_gpu_operator.domain.events import Event
+from prefect_gpu_operator.runtime.controller import Controller
 from prefect_gpu_operator.settings import OperatorSettings
 
 POLICIES = (GROUP, VERSION, PLURAL)
 log = logging.getLogger(__name__)
 
 
-def _operator(memo: Any) -> Operator:
-    operator: Operator = memo.operator
-    return operator
+def _controller(memo: Any) -> Controller:
+    controller: Controller = memo.controller
+    return controller
 
 
 @kopf.on.startup()
@@ -44,48 +46,46 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         if config.peering_priority is not None
         else random.randint(1, 2**31 - 1)  # equal priorities would pause every replica
     )
-    operator = Operator(config, Kube())
-    # Seed the node view before any policy reconciles, so a restart never sees "no nodes" and
-    # deletes limits that are still needed.
-    for node in await operator.kube.list_gpu_nodes():
-        operator.nodes[node.name] = node
-    memo.operator = operator
+    kube = Kube()
+    controller = Controller(config, kube)
+    controller.seed_nodes(await kube.list_gpu_nodes())
+    memo.controller = controller
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.health_address)
 
 
 @kopf.on.cleanup()
 async def stop(memo: Any, **_: Any) -> None:
-    await _operator(memo).close()
+    await _controller(memo).close()
 
 
 @kopf.on.event("", "v1", "nodes")
 async def node_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    _operator(memo).observe_node(body, deleted=type == "DELETED")
+    _controller(memo).observe_node(body, deleted=type == "DELETED")
 
 
 @kopf.index(*POLICIES)
 async def policies_seen(body: kopf.Body, memo: Any, **_: Any) -> None:
     """Observe policies before anything else: kopf runs no handler until indexed resources are
     listed, so the first worker-pod check at start-up already knows every policy."""
-    _operator(memo).observe_policy(body)
+    _controller(memo).observe_policy(body)
 
 
 @kopf.on.event("", "v1", "pods")
 async def pod_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    warning = _operator(memo).observe_pod(body, deleted=type == "DELETED")
-    if warning:
-        kopf.warn(body, reason="NoGPULimit", message=warning)
+    warning = _controller(memo).observe_pod(body, deleted=type == "DELETED")
+    if warning is not None:
+        _post(body, [warning])
 
 
 @kopf.on.event(*POLICIES)
 async def policy_deleted(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    # Additions and changes reach the operator through the index above, on every event.
+    # Additions and changes reach the controller through the index above, on every event.
     if type == "DELETED":
-        _operator(memo).forget_policy(body["metadata"]["name"])
+        _controller(memo).forget_policy(body["metadata"]["name"])
 
 
-def _post(body: kopf.Body, events: list[Event]) -> None:
+def _post(body: kopf.Body, events: Iterable[Event]) -> None:
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
@@ -95,21 +95,16 @@ async def reconcile_policy(
     name: str, body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
     """Reconcile on every relevant change and every resync interval, backing off on errors."""
-    operator = _operator(memo)
-    record = operator.observe_policy(body)
+    controller = _controller(memo)
+    record = controller.observe_policy(body)
     full, failures = True, 0
     while not stopped:
         record.wake.clear()
-        events = await operator.reconcile(name, full=full)
+        events = await controller.reconcile(name, full=full)
         _post(body, events)
         failures = failures + 1 if any(e.reason == "PrefectUnreachable" for e in events) else 0
-        if failures:
-            delay = min(operator.settings.retry_max_seconds, 0.5 * 2**failures)
-            delay *= random.uniform(0.8, 1.2)  # several policies must not retry in lockstep
-        else:
-            delay = operator.settings.resync_seconds
         try:
-            await asyncio.wait_for(record.wake.wait(), timeout=delay)
+            await asyncio.wait_for(record.wake.wait(), timeout=controller.retry_delay(failures))
             full = failures > 0
         except TimeoutError:
             full = True
@@ -118,10 +113,10 @@ async def reconcile_policy(
 @kopf.on.delete(*POLICIES)
 async def finalize_policy(name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     """Apply the deletionPolicy to every limit the policy owns before it goes away."""
-    operator = _operator(memo)
-    operator.observe_policy(body)
-    events = await operator.reconcile(name, full=True, deleting=True)
+    controller = _controller(memo)
+    controller.observe_policy(body)
+    events = await controller.reconcile(name, full=True, deleting=True)
     _post(body, events)
-    if any(e.type == "Warning" for e in events):
+    if any(event.warning for event in events):
         raise kopf.TemporaryError("limits not released yet; retrying", delay=5)
-    operator.forget_policy(name)
+    controller.forget_policy(name)

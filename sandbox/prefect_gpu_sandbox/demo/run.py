@@ -87,7 +87,7 @@ def _operator(kubeconfig: Path, directory: Path, webhook: WebhookEndpoint) -> It
     }
     operator = ServerProcess(
         "operator",
-        [sys.executable, "-m", "prefect_gpu_operator.cli", "run"],
+        [sys.executable, "-m", "prefect_gpu_operator", "run"],
         log_path=directory / "operator.log",
         env=env,
     )

@@ -1,6 +1,6 @@
 """A flow-run stand-in for the chaos test: loops gpu_slot() and records every attempt as JSON lines.
 
-``python -m tests.integration._chaos_worker --records FILE --stop PATH [--timeout S]
+``python -m tests.integration.chaos.worker --records FILE --stop PATH [--timeout S]
 [--hold-min S] [--hold-max S] [--attempts N]``; WORKER_ID, PREFECT_GPU_LOCK_DIR and
 PREFECT_API_URL come from the environment. Until PATH exists (or N attempts were made), each
 attempt is one ``with gpu_slot(timeout_seconds=S)`` block held for a random time in
@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import time
+import traceback
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,6 +72,7 @@ def main() -> None:
                 record("missing", attempt, time.monotonic())
                 time.sleep(_MISSING_PAUSE)
             except Exception as error:
+                traceback.print_exc()  # into the worker's log, to see where it was lost
                 record("error", attempt, time.monotonic(), error=repr(error))
                 time.sleep(_MISSING_PAUSE)
 

@@ -1,0 +1,294 @@
+"""Claiming slots on the node: the queue on ``gate.lock``, the head's search for free slot files,
+and adopting or acquiring the Prefect lease each slot needs.
+
+Claimers on a node queue on ``gate.lock``; only the head of the queue looks for free slots, and it
+sees a released slot within a couple of milliseconds instead of sleeping a server-suggested
+``Retry-After`` (and, on SQLite servers, a 503 backoff of seconds). A slot file records the
+Prefect lease (one GCL slot) that accounts for it: a holder that leaves while others queue leaves
+that lease on the file and the next claimant adopts it with no server request, so the server's
+``active_slots`` counts exactly the slots held or being handed over, never more than the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from prefect.client.orchestration import SyncPrefectClient
+
+from prefect_gpu_flows import _gcl
+from prefect_gpu_flows._config import (
+    GpuLimitNotFoundError,
+    GpuSlotTimeout,
+    SlotConfig,
+    logger,
+)
+from prefect_gpu_flows._keeper import PARK_RETRY, keeper
+from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, unlock
+
+__all__ = ["Holding", "acquire"]
+
+_POLL = 0.001
+"""Seconds between the queue head's looks at the slot files (cheap local syscalls)."""
+_LIMIT_REFRESH = 1.0
+"""Seconds between re-reads of the limit while waiting, so raising or lowering it takes effect."""
+_MAX_SERVER_WAIT = 0.5
+"""Cap on a server-suggested Retry-After: local slots may free up sooner than it predicts."""
+_ADOPT_MARGIN = 5.0
+"""An adopted lease must have this many seconds left; otherwise it is renewed first."""
+
+
+@dataclass
+class Holding:
+    """The slots one block holds, with their leases; ``release()`` hands them back."""
+
+    config: SlotConfig
+    slots: list[SlotFile]
+    records: list[LeaseRecord] = field(default_factory=list)
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return tuple(self.config.device_of(slot.index) for slot in self.slots)
+
+    def release(self) -> None:
+        for slot, record in zip(self.slots, self.records, strict=True):
+            keeper.leave(slot, record.lease_id)
+
+
+class _Claim:
+    """The queue head's search for ``gpus`` free slots whose leases it can adopt or acquire."""
+
+    def __init__(
+        self,
+        config: SlotConfig,
+        prefect: SyncPrefectClient,
+        gpus: int,
+        limit_id: UUID,
+        limit: int,
+        read_at: float,
+    ) -> None:
+        self.config = config
+        self.prefect = prefect
+        self.gpus = gpus
+        self.limit_id = limit_id
+        self.limit = limit
+        self.read_at = read_at  # monotonic time the limit was read
+        self.releasable = limit > 0  # see _gcl.release: nothing is released at limit 0
+        self.span = self._span()
+
+    def refresh(self) -> None:
+        read_at = time.monotonic()
+        self.limit_id, self.limit = _read_limit(self.config, self.prefect)
+        self.read_at = read_at
+        self.releasable = self.limit > 0
+        self.span = self._span()
+
+    def _span(self) -> int:
+        """Slot files to look at: those below the limit and any older ones above it (held?)."""
+        existing = [
+            int(path.stem.removeprefix("slot-"))
+            for path in self.config.lock_dir.glob("slot-*.lock")
+            if path.stem.removeprefix("slot-").isdigit()
+        ]
+        return max([self.limit, *(index + 1 for index in existing)])
+
+    def try_enter(self) -> Holding | None:
+        """One look at the slot files; a holding if ``gpus`` slots were free within the limit."""
+        free = [slot for slot in map(self._slot, range(self.span)) if slot.try_lock()]
+        chosen: list[SlotFile] = []
+        busy = self.span - len(free)
+        try:
+            records = {slot.index: slot.read() for slot in free}
+            if busy + self.gpus <= self.limit:
+                # Prefer slots whose lease can be adopted: that needs no server request.
+                below = [slot for slot in free if slot.index < self.limit]
+                below.sort(key=lambda slot: (not self._adoptable(records[slot.index]), slot.index))
+                chosen = below[: self.gpus]
+            self._drop_surplus(free, chosen, records, room=self.limit - busy - len(chosen))
+        except BaseException:
+            chosen = []
+            raise
+        finally:
+            for slot in free:
+                if slot not in chosen:
+                    slot.unlock()
+        if not chosen:
+            return None
+        holding = self._attach(chosen, records)
+        if time.monotonic() - self.read_at < _LIMIT_REFRESH:
+            return holding
+        # Server calls in _attach (a 503 backoff, a restarting server) took long enough for the
+        # limit to change meanwhile: a slot index may now be above it, and the server's count may
+        # not cover every local holder (a re-created limit). Check the choice on a fresh read.
+        try:
+            self.refresh()
+        except BaseException:
+            holding.release()
+            raise
+        if busy + self.gpus <= self.limit and all(slot.index < self.limit for slot in chosen):
+            return holding
+        holding.release()  # the leases stay on their files: adopted or released later
+        return None
+
+    def _slot(self, index: int) -> SlotFile:
+        return SlotFile(self.config.lock_dir, index)
+
+    def _adoptable(self, record: LeaseRecord | None) -> bool:
+        return record is not None and record.limit_id == self.limit_id
+
+    def _drop_surplus(
+        self,
+        free: list[SlotFile],
+        chosen: list[SlotFile],
+        records: dict[int, LeaseRecord | None],
+        room: int,
+    ) -> None:
+        """Release leases left on free slots beyond what the limit still has room for.
+
+        They would otherwise keep counting on the server after the limit was lowered, or while
+        this claimant waits for more slots than are free.
+        """
+        for slot in sorted(free, key=lambda slot: slot.index):
+            record = records[slot.index]
+            if slot in chosen or record is None:
+                continue
+            if self._adoptable(record) and slot.index < self.limit and room > 0:
+                room -= 1
+                continue
+            if not self.releasable:
+                continue  # the server refuses releases while the limit is 0: keep it on file
+            if not _gcl.release(self.prefect, record.lease_id):
+                self.releasable = False  # until the next read of the limit
+                continue
+            slot.write(None)
+            records[slot.index] = None
+
+    def _attach(self, chosen: list[SlotFile], records: dict[int, LeaseRecord | None]) -> Holding:
+        holding = Holding(self.config, chosen)
+        try:
+            for slot in chosen:
+                record = self._lease_for(slot, records[slot.index])
+                holding.records.append(record)
+        except BaseException:
+            # Leases attached so far stay on their files for the next claimant, and this
+            # process's keeper releases them if nobody takes them.
+            for slot in chosen:
+                slot.unlock()
+            for slot, record in zip(chosen, holding.records, strict=False):
+                keeper.park(slot, record.lease_id, self.prefect, delay=PARK_RETRY)
+            raise
+        for slot, record in zip(chosen, holding.records, strict=True):
+            keeper.hold(slot, record, self.config.lease_seconds, self.prefect)
+        return holding
+
+    def _lease_for(self, slot: SlotFile, record: LeaseRecord | None) -> LeaseRecord:
+        """Adopt the lease left on ``slot`` when it is still good, else acquire a new one."""
+        lease_seconds = self.config.lease_seconds
+        if record is not None and self._adoptable(record):
+            left = record.expires - time.time()
+            if left > _ADOPT_MARGIN:
+                return record
+            expires = _gcl.renew(self.prefect, record.lease_id, lease_seconds) if left > 0 else None
+            if expires is not None:
+                record = LeaseRecord(record.lease_id, record.limit_id, expires)
+                slot.write(record)
+                return record
+        elif record is not None:
+            _gcl.release(self.prefect, record.lease_id)  # on an older incarnation of the limit
+        slot.write(None)
+        try:
+            record = _gcl.acquire(self.prefect, self.config.limit_name, lease_seconds)
+        except _gcl.LimitMissing:
+            raise _missing_limit(self.config) from None
+        slot.write(record)
+        return record
+
+
+def _missing_limit(config: SlotConfig) -> GpuLimitNotFoundError:
+    return GpuLimitNotFoundError(
+        f"The Prefect server has no global concurrency limit {config.limit_name!r}. The "
+        f"prefect-gpu-operator creates one per GPU node: check that it is running and that a "
+        f"GPULimitPolicy selects node {config.worker_id!r} (`kubectl get glp`). gpu_slot() never "
+        f"creates limits itself (outside Kubernetes: `prefect gcl create {config.limit_name} "
+        f"--limit <gpus>`)."
+    )
+
+
+def _read_limit(config: SlotConfig, prefect: SyncPrefectClient) -> tuple[UUID, int]:
+    try:
+        return _gcl.read_limit(prefect, config.limit_name)
+    except _gcl.LimitMissing:
+        raise _missing_limit(config) from None
+
+
+def acquire(
+    config: SlotConfig,
+    gpus: int,
+    timeout_seconds: float | None,
+    cancelled: threading.Event | None,
+) -> Holding:
+    """Wait in the node's queue, then for ``gpus`` slots; raises GpuSlotTimeout at the deadline."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, not {gpus}")
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    prefect = _gcl.client()
+    limit_id, limit = _read_limit(config, prefect)  # fail fast on a missing limit, before queueing
+    read_at = time.monotonic()
+    config.lock_dir.mkdir(parents=True, exist_ok=True)
+    waiting = "other claimants on this node are ahead in the queue"
+    try:
+        gate = lock_wait(config.lock_dir / "gate.lock", deadline, cancelled)
+    except TimeoutError:
+        raise _timeout(config, timeout_seconds, waiting) from None
+    try:
+        claim = _Claim(config, prefect, gpus, limit_id, limit, read_at)
+        logged: str | None = None
+        while True:
+            # Also on reaching the head of the queue: the read before it may be old by now.
+            if time.monotonic() - claim.read_at >= _LIMIT_REFRESH:
+                claim.refresh()
+            pause = _POLL
+            if claim.limit < gpus:
+                waiting = (
+                    f"limit {config.limit_name!r} is {claim.limit}, below the {gpus} GPU(s) "
+                    f"requested (the node has no schedulable GPUs for it right now); waiting "
+                    f"for the limit to be raised"
+                )
+                claim.try_enter()  # only to release leases left above the lowered limit
+            else:
+                try:
+                    holding = claim.try_enter()
+                except _gcl.SlotRefused as refused:
+                    waiting = (
+                        f"the server refused a slot of {config.limit_name!r} although one is "
+                        f"free on this node ({refused.reason}: slots held outside gpu_slot(), "
+                        f"or by a crashed holder until its lease expires)"
+                    )
+                    pause = min(refused.retry_after, _MAX_SERVER_WAIT)
+                else:
+                    if holding is not None:
+                        return holding
+                    waiting = f"all {claim.limit} GPU slot(s) of {config.limit_name!r} are busy"
+            if waiting != logged:
+                level = logging.DEBUG if waiting.startswith("all ") else logging.INFO
+                logger().log(level, "gpu_slot waits: %s", waiting)  # the plain queue: DEBUG
+                logged = waiting
+            now = time.monotonic()
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled
+            if deadline is not None and now >= deadline:
+                raise _timeout(config, timeout_seconds, waiting)
+            if deadline is not None:
+                pause = min(pause, deadline - now)
+            time.sleep(pause)
+    finally:
+        unlock(gate)
+
+
+def _timeout(config: SlotConfig, timeout_seconds: float | None, waiting: str) -> GpuSlotTimeout:
+    return GpuSlotTimeout(
+        f"no GPU slot of {config.limit_name!r} within {timeout_seconds} s: {waiting}"
+    )

@@ -1,0 +1,51 @@
+"""What the runtime needs of Kubernetes and of Prefect, as Protocols.
+
+The adapters (``adapters/kube.py``, ``adapters/prefect_limits.py``) implement them; the unit tests
+implement them again in memory, counting calls, so the reconcile is tested without servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from prefect_gpu_operator.domain.desired import GPUNode
+from prefect_gpu_operator.domain.plan import ObservedLimit
+
+__all__ = ["ConnectPrefect", "KubeApi", "LimitsApi"]
+
+
+class LimitsApi(Protocol):
+    """Global concurrency limits on one Prefect API. Failures raise ``PrefectUnreachable``."""
+
+    @property
+    def api_url(self) -> str: ...
+
+    async def list_all(self) -> dict[str, ObservedLimit]: ...
+
+    async def create(self, name: str, limit: int, slot_decay_per_second: float) -> None: ...
+
+    async def update(self, name: str, limit: int, slot_decay_per_second: float) -> None: ...
+
+    async def delete(self, name: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ConnectPrefect(Protocol):
+    """Opens a ``LimitsApi`` for an API URL and (optional) API key."""
+
+    def __call__(self, api_url: str, api_key: str | None, *, timeout: float) -> LimitsApi: ...
+
+
+class KubeApi(Protocol):
+    """The Kubernetes calls besides kopf's watches. ``read_secret_key`` raises
+    ``SecretNotFound``; ``patch_policy_status`` raises ``StatusNotWritten``."""
+
+    async def list_gpu_nodes(self) -> list[GPUNode]: ...
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str: ...
+
+    async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,135 @@
+"""The operator's view of the Prefect servers its policies write to.
+
+One connection per (API URL, API key), API keys read from Secrets on full reconciles only, and
+per server the limits as last listed and since changed by the operator's own writes, so that a
+node change costs only the write it needs. A resync lists a server before taking the policy's
+lock (a 1,000-limit listing is several paged calls); names written while that listing is in
+flight keep their newer cached value (``newest_observation``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prefect_gpu_operator.adapters.kube import SecretNotFound
+from prefect_gpu_operator.adapters.prefect_limits import PrefectUnreachable
+from prefect_gpu_operator.api.policy import PrefectServerReference
+from prefect_gpu_operator.domain.plan import Change, ObservedLimit, newest_observation
+from prefect_gpu_operator.runtime.ports import ConnectPrefect, KubeApi, LimitsApi
+
+__all__ = ["Listing", "PrefectView"]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every limit on one server as a resync read them, and the names written meanwhile."""
+
+    api_url: str
+    limits: dict[str, ObservedLimit]
+    written_meanwhile: set[str]  # live: grows until the reconcile that uses it ends
+    error: PrefectUnreachable | None = None
+
+
+class PrefectView:
+    """Connections, API keys and the listing cache, per Prefect server."""
+
+    def __init__(
+        self, kube: KubeApi, namespace: str, connect: ConnectPrefect, *, timeout: float
+    ) -> None:
+        self._kube = kube
+        self._namespace = namespace
+        self._connect = connect
+        self._timeout = timeout
+        self._servers: dict[tuple[str, str | None], LimitsApi] = {}
+        self._api_keys: dict[tuple[str, str], str] = {}  # (Secret, key) -> value; never logged
+        self._observed: dict[str, dict[str, ObservedLimit]] = {}
+        # Per server, one set per resync listing in flight: the names written since it began.
+        self._listing_watchers: dict[str, list[set[str]]] = {}
+
+    async def server(self, reference: PrefectServerReference, *, full: bool) -> LimitsApi:
+        """The connection for ``reference``; its API key is read again on full reconciles (a
+        rotated key is picked up at the next resync), not on every node change."""
+        api_key: str | None = None
+        if reference.api_key is not None:
+            selector = reference.api_key.value_from.secret_key_ref
+            secret = (selector.name, selector.key)
+            if full or secret not in self._api_keys:
+                self._api_keys[secret] = await self._kube.read_secret_key(
+                    self._namespace, selector.name, selector.key
+                )
+            api_key = self._api_keys[secret]
+        key = (reference.api_url, api_key)
+        if key not in self._servers:
+            self._servers[key] = self._connect(reference.api_url, api_key, timeout=self._timeout)
+        return self._servers[key]
+
+    async def observed(
+        self, server: LimitsApi, *, full: bool, listed: Listing | None = None
+    ) -> dict[str, ObservedLimit]:
+        """The server's limits: from ``listed`` (a resync's listing), re-listed when ``full``,
+        else the cache. The returned dict is the cache itself; ``record`` keeps it current."""
+        url = server.api_url
+        if listed is not None and listed.api_url == url:
+            if listed.error is not None:
+                raise listed.error
+            self._observed[url] = newest_observation(
+                listed.limits, self._observed.get(url, {}), listed.written_meanwhile
+            )
+        elif full or url not in self._observed:
+            self._observed[url] = await server.list_all()
+        return self._observed[url]
+
+    async def list_unlocked(
+        self, reference: PrefectServerReference, stack: contextlib.AsyncExitStack
+    ) -> Listing | None:
+        """A resync's listing, taken before the policy's lock. Names the operator writes from
+        now until ``stack`` closes are noted, so their newer values win over the listing."""
+        try:
+            server = await self.server(reference, full=False)
+        except SecretNotFound:
+            return None  # the locked reconcile reads the Secret again and reports it
+        url = server.api_url
+        written = stack.enter_context(self._tracking_writes(url))
+        try:
+            limits = await server.list_all()
+        except PrefectUnreachable as error:
+            return Listing(url, {}, written, error)
+        return Listing(url, limits, written)
+
+    def record(self, server: LimitsApi, change: Change) -> None:
+        """Keep the cache in step with a write the operator just made."""
+        observed = self._observed.setdefault(server.api_url, {})
+        if change.limit is None:
+            observed.pop(change.name, None)
+        else:
+            before = observed.get(change.name)
+            observed[change.name] = ObservedLimit(
+                change.name,
+                change.limit.limit,
+                before.active if before else True,
+                change.limit.slot_decay_per_second,
+            )
+        for written in self._listing_watchers.get(server.api_url, ()):
+            written.add(change.name)
+
+    def forget(self, api_url: str) -> None:
+        """Drop a server's cache: after an outage everything is read again."""
+        self._observed.pop(api_url, None)
+
+    @contextlib.contextmanager
+    def _tracking_writes(self, url: str) -> Iterator[set[str]]:
+        written: set[str] = set()
+        watchers = self._listing_watchers.setdefault(url, [])
+        watchers.append(written)
+        try:
+            yield written
+        finally:
+            watchers.remove(written)
+            if not watchers:
+                del self._listing_watchers[url]
+
+    async def close(self) -> None:
+        for server in self._servers.values():
+            await server.close()

@@ -1,0 +1,112 @@
+"""In-memory stand-ins for the runtime's ports (``prefect_gpu_operator.runtime.ports``).
+
+They keep just enough state to answer like the real servers do, count every call, and write each
+one into a shared ``Journal`` so a test can assert the order of Kubernetes and Prefect calls.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from typing import Any
+
+from prefect_gpu_operator.adapters.kube import SecretNotFound, StatusNotWritten
+from prefect_gpu_operator.adapters.prefect_limits import PrefectUnreachable
+from prefect_gpu_operator.domain.desired import GPUNode
+from prefect_gpu_operator.domain.plan import ObservedLimit
+
+__all__ = ["FakeKube", "FakePrefect", "Journal"]
+
+
+class Journal(list[str]):
+    """Every call made through the fakes, in order: ``"prefect create gpu:a"``,
+    ``"status p limits=gpu:a"``."""
+
+
+class FakePrefect:
+    """One Prefect API's global concurrency limits. ``down`` makes every call fail the way an
+    unreachable server does; ``calls`` counts calls by operation."""
+
+    def __init__(self, journal: Journal, api_url: str = "http://prefect.test/api") -> None:
+        self.api_url = api_url
+        self.journal = journal
+        self.limits: dict[str, ObservedLimit] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.down = False
+        self.api_keys: list[str | None] = []  # the key of every connection opened
+
+    def connect(self, api_url: str, api_key: str | None, *, timeout: float) -> FakePrefect:
+        """The runtime's ``ConnectPrefect``: every connection reaches this one server."""
+        assert api_url == self.api_url
+        self.api_keys.append(api_key)
+        return self
+
+    def writes(self) -> int:
+        return self.calls["create"] + self.calls["update"] + self.calls["delete"]
+
+    def _call(self, operation: str, name: str = "") -> None:
+        self.calls[operation] += 1
+        self.journal.append(f"prefect {operation} {name}".rstrip())
+        if self.down:
+            raise PrefectUnreachable(f"{operation} on {self.api_url}: ConnectError")
+
+    async def list_all(self) -> dict[str, ObservedLimit]:
+        self._call("list")
+        return dict(self.limits)
+
+    async def create(self, name: str, limit: int, slot_decay_per_second: float) -> None:
+        self._call("create", name)
+        self.limits[name] = ObservedLimit(name, limit, True, slot_decay_per_second)
+
+    async def update(self, name: str, limit: int, slot_decay_per_second: float) -> None:
+        self._call("update", name)
+        before = self.limits.get(name)
+        active = before.active if before else True
+        self.limits[name] = ObservedLimit(name, limit, active, slot_decay_per_second)
+
+    async def delete(self, name: str) -> None:
+        self._call("delete", name)
+        self.limits.pop(name, None)
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeKube:
+    """Nodes to list, Secrets to read, and the policy status patches the API server received.
+    ``refuse_status`` makes status writes fail (as a 5xx or a conflict would)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.nodes: list[GPUNode] = []
+        self.secrets: dict[tuple[str, str, str], str] = {}  # (namespace, name, key) -> value
+        self.patches: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        self.secret_reads = 0
+        self.refuse_status = False
+
+    def status(self, policy: str) -> dict[str, Any]:
+        """The policy's status as the API server would store it after every merge patch."""
+        merged: dict[str, Any] = {}
+        for patch in self.patches[policy]:
+            merged.update(patch)
+        return merged
+
+    async def list_gpu_nodes(self) -> list[GPUNode]:
+        return list(self.nodes)
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        self.secret_reads += 1
+        try:
+            return self.secrets[namespace, name, key]
+        except KeyError:
+            raise SecretNotFound(f"Secret {namespace}/{name} not found") from None
+
+    async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
+        limits = ",".join(entry["name"] for entry in status.get("limits") or [])
+        self.journal.append(f"status {name} limits={limits}")
+        if self.refuse_status:
+            raise StatusNotWritten("500 Internal Server Error")
+        self.patches[name].append(dict(status))
+
+    def close(self) -> None:
+        pass

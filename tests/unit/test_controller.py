@@ -1,0 +1,261 @@
+"""The reconcile of one policy, through in-memory Kubernetes and Prefect (tests/support/fakes.py):
+crash-safe order, ownership and conflicts, drift, outages, and how few calls it makes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from prefect_gpu_operator.domain.plan import ObservedLimit
+from prefect_gpu_operator.runtime.controller import Controller
+from prefect_gpu_operator.settings import OperatorSettings
+from tests.support.fakes import FakeKube, FakePrefect, Journal
+
+API_URL = "http://prefect.test/api"
+
+
+def node(name: str, gpus: int | None = 4, **labels: str) -> dict[str, Any]:
+    allocatable = {"cpu": "8"} if gpus is None else {"cpu": "8", "nvidia.com/gpu": str(gpus)}
+    return {"metadata": {"name": name, "labels": labels}, "status": {"allocatable": allocatable}}
+
+
+def policy(name: str = "p", created: str = "2026-11-01T00:00:00Z", **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "generation": 1, "creationTimestamp": created},
+        "spec": {"server": {"remoteApiUrl": API_URL}, **spec},
+    }
+
+
+class World:
+    """A controller wired to the fakes, with a shared journal of their calls."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.journal = Journal()
+        self.kube = FakeKube(self.journal)
+        self.prefect = FakePrefect(self.journal, API_URL)
+        config = OperatorSettings(status_interval_seconds=0.01, **settings)
+        self.controller = Controller(config, self.kube, self.prefect.connect)
+
+    async def settled(self, name: str = "p") -> None:
+        """Let the coalesced status write of ``name`` go out."""
+        flusher = self.controller.policies[name].flusher
+        if flusher is not None:
+            await flusher
+
+    async def synced(self, gpus: int = 4) -> None:
+        """Node ``a`` with ``gpus`` GPUs under policy ``p``, reconciled once in full."""
+        self.controller.observe_node(node("a", gpus))
+        self.controller.observe_policy(policy())
+        await self.controller.reconcile("p", full=True)
+
+    def status(self, name: str = "p") -> dict[str, Any]:
+        return self.kube.status(name)
+
+    def condition(self, kind: str, name: str = "p") -> dict[str, Any]:
+        (found,) = [c for c in self.status(name)["conditions"] if c["type"] == kind]
+        return dict(found)
+
+
+def run(scenario: Callable[[World], Awaitable[None]], **settings: Any) -> World:
+    async def main() -> World:
+        world = World(**settings)
+        await scenario(world)
+        return world
+
+    return asyncio.run(main())
+
+
+def test_new_limits_are_in_the_ledger_before_they_are_created() -> None:
+    async def scenario(world: World) -> None:
+        world.controller.observe_node(node("a", 4))
+        world.controller.observe_policy(policy())
+        events = await world.controller.reconcile("p", full=True)
+        assert [e.reason for e in events] == ["LimitCreated"]
+        await world.settled()
+
+    world = run(scenario)
+    journal = world.journal
+    # A crash between the two leaves a ledger naming gpu:a: the next reconcile owns it.
+    assert journal.index("status p limits=gpu:a") < journal.index("prefect create gpu:a")
+    assert world.prefect.limits == {"gpu:a": ObservedLimit("gpu:a", 4, True, 0.0)}
+    assert world.status()["limits"] == [{"name": "gpu:a", "node": "a", "limit": 4}]
+    assert world.condition("Ready")["status"] == "True"
+
+
+def test_a_refused_write_ahead_creates_nothing() -> None:
+    async def scenario(world: World) -> None:
+        world.kube.refuse_status = True
+        world.controller.observe_node(node("a", 4))
+        world.controller.observe_policy(policy())
+        events = await world.controller.reconcile("p", full=True)
+        assert [e.reason for e in events] == ["StatusWriteFailed"]
+
+    world = run(scenario)
+    assert world.prefect.writes() == 0
+
+
+def test_a_users_limit_of_the_same_name_is_never_touched() -> None:
+    async def scenario(world: World) -> None:
+        world.prefect.limits["gpu:a"] = ObservedLimit("gpu:a", 1)  # made by hand
+        await world.synced()
+        await world.settled()
+
+    world = run(scenario)
+    assert world.prefect.writes() == 0
+    assert world.prefect.limits["gpu:a"].limit == 1
+    conflict = world.condition("Conflict")
+    assert conflict["status"] == "True"
+    assert "gpu:a" in conflict["message"]
+    assert world.status()["limits"] == []
+
+
+def test_two_policies_wanting_one_name_the_older_owns_it() -> None:
+    async def scenario(world: World) -> None:
+        world.controller.observe_node(node("a", 4))
+        world.controller.observe_policy(policy("old", "2026-11-01T00:00:00Z"))
+        world.controller.observe_policy(policy("young", "2026-11-02T00:00:00Z", slotsPerGpu=2))
+        await world.controller.reconcile("young", full=True)
+        await world.controller.reconcile("old", full=True)
+        await world.settled("young")
+        await world.settled("old")
+
+    world = run(scenario)
+    assert world.prefect.limits["gpu:a"].limit == 4  # the older policy's, not 8
+    assert world.prefect.calls["create"] == 1
+    assert world.condition("Conflict", "young")["status"] == "True"
+    assert world.condition("Conflict", "old")["status"] == "False"
+
+
+def test_drift_is_repaired_by_full_reconciles_only() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced()
+        world.prefect.limits["gpu:a"] = ObservedLimit("gpu:a", 9)  # edited in the UI
+        writes = world.prefect.writes()
+        await world.controller.reconcile("p", full=False)  # trusts its cache: no call at all
+        assert world.prefect.writes() == writes
+        events = await world.controller.reconcile("p", full=True)
+        assert [e.message for e in events] == ["gpu:a: limit 9 -> 4"]
+
+    world = run(scenario)
+    assert world.prefect.limits["gpu:a"].limit == 4
+
+
+def test_node_changes_cost_only_the_writes_they_need() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced()
+        before = dict(world.prefect.calls)
+        heartbeat = node("a", 4)
+        heartbeat["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        assert not world.controller.observe_node(heartbeat)
+        await world.controller.reconcile("p", full=False)
+        assert dict(world.prefect.calls) == before  # nothing, not even a list
+        assert world.controller.observe_node(node("a", 2))
+        await world.controller.reconcile("p", full=False)
+        assert world.prefect.calls["update"] == before.get("update", 0) + 1
+        assert world.prefect.calls["list"] == before["list"]
+
+    world = run(scenario)
+    assert world.prefect.limits["gpu:a"].limit == 2
+
+
+def test_an_outage_is_reported_and_a_recovery_re_reads_everything() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced()
+        world.prefect.down = True
+        world.controller.observe_node(node("a", 2))
+        events = await world.controller.reconcile("p", full=False)
+        assert [e.reason for e in events] == ["PrefectUnreachable"]
+        await world.settled()
+        assert world.condition("PrefectReachable")["status"] == "False"
+        assert world.condition("Ready")["reason"] == "PrefectUnreachable"
+        world.prefect.down = False
+        lists = world.prefect.calls["list"]
+        await world.controller.reconcile("p", full=False)
+        assert world.prefect.calls["list"] == lists + 1  # the cache went with the outage
+        await world.settled()
+
+    world = run(scenario)
+    assert world.prefect.limits["gpu:a"].limit == 2
+    assert world.condition("PrefectReachable")["status"] == "True"
+    assert world.condition("Ready")["status"] == "True"
+
+
+def test_a_burst_of_changes_is_one_status_write() -> None:
+    async def scenario(world: World) -> None:
+        world.controller.observe_policy(policy())
+        for index in range(5):
+            world.controller.observe_node(node(f"n{index}", 1))
+        await world.controller.reconcile("p", full=True)
+        await world.settled()
+        patches = len(world.kube.patches["p"])
+        for gpus in (2, 3, 4, 3, 2):
+            world.controller.observe_node(node("n0", gpus))
+            await world.controller.reconcile("p", full=False)
+        await world.settled()
+        assert len(world.kube.patches["p"]) == patches + 1
+        assert world.status()["totalSlots"] == 6
+
+    run(scenario)
+
+
+def test_deletion_applies_the_deletion_policy() -> None:
+    async def scenario(world: World) -> None:
+        world.controller.observe_node(node("a", 4))
+        world.controller.observe_node(node("b", 2))
+        world.controller.observe_policy(policy("gone", nodeSelector={"matchLabels": {}}))
+        world.controller.observe_policy(
+            policy("kept", limitNameTemplate="kept:{node}", deletionPolicy="Retain")
+        )
+        for name in ("gone", "kept"):
+            await world.controller.reconcile(name, full=True)
+        for name in ("gone", "kept"):
+            events = await world.controller.reconcile(name, full=True, deleting=True)
+            assert not any(event.warning for event in events)
+            world.controller.forget_policy(name)
+
+    world = run(scenario)
+    assert sorted(world.prefect.limits) == ["kept:a", "kept:b"]
+
+
+def test_the_api_key_is_read_on_full_reconciles_and_sent() -> None:
+    key = {"apiKey": {"valueFrom": {"secretKeyRef": {"name": "prefect", "key": "key"}}}}
+
+    async def scenario(world: World) -> None:
+        world.kube.secrets["ops", "prefect", "key"] = "pnu_secret"
+        world.controller.observe_node(node("a", 4))
+        world.controller.observe_policy(policy(server={"remoteApiUrl": API_URL, **key}))
+        await world.controller.reconcile("p", full=True)
+        reads = world.kube.secret_reads
+        world.controller.observe_node(node("a", 2))
+        await world.controller.reconcile("p", full=False)
+        assert world.kube.secret_reads == reads  # a node change reads no Secret
+        await world.controller.reconcile("p", full=True)
+        assert world.kube.secret_reads == reads + 1
+
+    world = run(scenario, namespace="ops")
+    assert set(world.prefect.api_keys) == {"pnu_secret"}
+
+
+def test_a_missing_secret_is_reported_like_an_unreachable_server() -> None:
+    key = {"apiKey": {"valueFrom": {"secretKeyRef": {"name": "absent", "key": "key"}}}}
+
+    async def scenario(world: World) -> None:
+        world.controller.observe_policy(policy(server={"remoteApiUrl": API_URL, **key}))
+        events = await world.controller.reconcile("p", full=True)
+        assert [(e.reason, e.message) for e in events] == [
+            ("PrefectUnreachable", "Secret prefect-gpu-operator/absent not found")
+        ]
+
+    world = run(scenario)
+    assert world.prefect.calls == {}
+
+
+@pytest.mark.parametrize("failures", [1, 2, 10])
+def test_retries_back_off_within_the_cap(failures: int) -> None:
+    world = World(retry_max_seconds=3, resync_seconds=30)
+    delay = world.controller.retry_delay(failures)
+    assert 0.8 * min(3, 0.5 * 2**failures) <= delay <= 1.2 * min(3, 0.5 * 2**failures)
+    assert world.controller.retry_delay(0) == 30
