@@ -106,6 +106,14 @@ class ControlPlane(Service):
         context.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
         return _http_ok(f"{self.url}/readyz", context)
 
+    def restart_apiserver(self) -> None:
+        """Stop and start kube-apiserver, etcd keeping the data: its watch cache starts afresh,
+        so a client resuming an older watch gets 410 Gone and lists again, as in an upgrade."""
+        apiserver = self.processes[-1]
+        apiserver.stop()
+        apiserver.start()
+        apiserver.wait_ready(self.ready, timeout=_READY_TIMEOUT)
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()

@@ -130,6 +130,6 @@ def test_other_resources_slots_per_gpu_and_dotted_names(scene: Scene) -> None:
     )
     scene.policies.create("t7", spec)
     expect_limits(scene.limits, "gpu:t7-", {"gpu:t7-1.example.com": 21, "gpu:t7-2.example.com": 6})
-    scene.policies.patchpool_spec("t7", {"slotsPerGpu": 1, "limitNameTemplate": "gpu:{node}"})
+    scene.policies.patch_spec("t7", {"slotsPerGpu": 1, "limitNameTemplate": "gpu:{node}"})
     expect_limits(scene.limits, "gpu:t7-", {"gpu:t7-1.example.com": 7, "gpu:t7-2.example.com": 2})
     eventually(lambda: scene.policies.status("t7").get("observedGeneration") == 2)

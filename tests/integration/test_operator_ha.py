@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prefect_gpu_sandbox.tools import tools_bin
-from prefect_gpu_sandbox.waiting import eventually
+from prefect_gpu_sandbox.waiting import eventually, holds
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
 from tests.support.policies import Policies, pool_spec
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 PEERING = "ha-test"
 LIFETIME = 5  # seconds a silent replica stays "alive" in the peering object
+RESYNC = 2.0  # the test operators' resync interval
 
 
 @pytest.fixture
@@ -78,16 +79,15 @@ def test_one_replica_reconciles_and_the_other_takes_over(
     ]
     reader = PrefectLimitsReader(prefect_api_url)
     try:
+        gpu_nodes.create("ha-a", 4, labels={"pool": "ha"})
+        gpu_nodes.create("ha-gone", 1, labels={"pool": "ha"})  # both replicas start seeing it
         for replica in replicas:
             replica.start()
         active, standby = replicas
-        gpu_nodes.create("ha-a", 4, labels={"pool": "ha"})
-        policies.create(
-            "ha",
-            pool_spec(prefect_api_url, "ha"),
-        )
-        expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 4}, timeout=30)
+        policies.create("ha", pool_spec(prefect_api_url, "ha"))
+        expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 4, "gpu:ha-gone": 1}, timeout=30)
         gpu_nodes.set_gpus("ha-a", 3)
+        gpu_nodes.delete("ha-gone")  # the standby's watch is paused: it never hears of it
         expect_limits(reader, "gpu:ha-", {"gpu:ha-a": 3})
         assert _reconciles(active) > 0
         assert _reconciles(standby) == 0  # paused: the higher priority replica does the work
@@ -105,6 +105,9 @@ def test_one_replica_reconciles_and_the_other_takes_over(
         assert LIFETIME - 2 <= takeover < LIFETIME + 20, f"takeover took {takeover:.1f} s"
         print(f"\ntakeover after SIGKILL: {takeover:.1f} s (peering lifetime {LIFETIME} s)")
         eventually(lambda: _nodes(policies, 2), timeout=10)
+        # The node deleted while it was standby is not brought back: its first resync listed
+        # the nodes again before reconciling.
+        holds(lambda: "gpu:ha-gone" not in reader.limits("gpu:ha-"), duration=2 * RESYNC)
         policies.delete_all()  # the standby, now active, releases the limits
         assert reader.limits("gpu:ha-") == {}
     finally:

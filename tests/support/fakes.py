@@ -7,10 +7,10 @@ one into a shared ``Journal`` so a test can assert the order of Kubernetes and P
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefect_gpu_operator.adapters.kube import SecretNotFound, StatusNotWritten
+from prefect_gpu_operator.adapters.kube import SecretNotFound, StatusNotWritten, gpu_node
 from prefect_gpu_operator.adapters.prefect_limits import PrefectUnreachable
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
@@ -78,11 +78,12 @@ class FakeKube:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
-        self.nodes: list[GPUNode] = []
+        self.nodes: dict[str, dict[str, Any]] = {}  # Node objects by name, as the API has them
         self.secrets: dict[tuple[str, str, str], str] = {}  # (namespace, name, key) -> value
         self.patches: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         self.secret_reads = 0
         self.refuse_status = False
+        self.while_listing: Callable[[], object] | None = None  # a watch event mid-listing
 
     def status(self, policy: str) -> dict[str, Any]:
         """The policy's status as the API server would store it after every merge patch."""
@@ -92,7 +93,11 @@ class FakeKube:
         return merged
 
     async def list_gpu_nodes(self) -> list[GPUNode]:
-        return list(self.nodes)
+        self.journal.append("kube list nodes")
+        listed = [gpu_node(body) for body in self.nodes.values()]
+        if self.while_listing is not None:
+            self.while_listing()  # happens after the snapshot was taken, before it arrives
+        return listed
 
     async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
         self.secret_reads += 1

@@ -39,6 +39,17 @@ class World:
         config = OperatorSettings(status_interval_seconds=0.01, **settings)
         self.controller = Controller(config, self.kube, self.prefect.connect)
 
+    def node(self, name: str, gpus: int | None = 4, **labels: str) -> list[str]:
+        """The node exists (or changed) in the API server and the watch reports it; the
+        policies that woke."""
+        body = node(name, gpus, **labels)
+        self.kube.nodes[name] = body
+        return self.controller.observe_node(body)
+
+    def delete_node(self, name: str) -> list[str]:
+        body = self.kube.nodes.pop(name)
+        return self.controller.observe_node(body, deleted=True)
+
     async def settled(self, name: str = "p") -> None:
         """Let the coalesced status write of ``name`` go out."""
         flusher = self.controller.policies[name].flusher
@@ -47,7 +58,7 @@ class World:
 
     async def synced(self, gpus: int = 4) -> None:
         """Node ``a`` with ``gpus`` GPUs under policy ``p``, reconciled once in full."""
-        self.controller.observe_node(node("a", gpus))
+        self.node("a", gpus)
         self.controller.observe_policy(policy())
         await self.controller.reconcile("p", full=True)
 
@@ -70,7 +81,7 @@ def run(scenario: Callable[[World], Awaitable[None]], **settings: Any) -> World:
 
 def test_new_limits_are_in_the_ledger_before_they_are_created() -> None:
     async def scenario(world: World) -> None:
-        world.controller.observe_node(node("a", 4))
+        world.node("a", 4)
         world.controller.observe_policy(policy())
         events = await world.controller.reconcile("p", full=True)
         assert [e.reason for e in events] == ["LimitCreated"]
@@ -88,7 +99,7 @@ def test_new_limits_are_in_the_ledger_before_they_are_created() -> None:
 def test_a_refused_write_ahead_creates_nothing() -> None:
     async def scenario(world: World) -> None:
         world.kube.refuse_status = True
-        world.controller.observe_node(node("a", 4))
+        world.node("a", 4)
         world.controller.observe_policy(policy())
         events = await world.controller.reconcile("p", full=True)
         assert [e.reason for e in events] == ["StatusWriteFailed"]
@@ -114,7 +125,7 @@ def test_a_users_limit_of_the_same_name_is_never_touched() -> None:
 
 def test_two_policies_wanting_one_name_the_older_owns_it() -> None:
     async def scenario(world: World) -> None:
-        world.controller.observe_node(node("a", 4))
+        world.node("a", 4)
         world.controller.observe_policy(policy("old", "2026-11-01T00:00:00Z"))
         world.controller.observe_policy(policy("young", "2026-11-02T00:00:00Z", slotsPerGpu=2))
         await world.controller.reconcile("young", full=True)
@@ -152,7 +163,7 @@ def test_node_changes_cost_only_the_writes_they_need() -> None:
         assert not world.controller.observe_node(heartbeat)
         await world.controller.reconcile("p", full=False)
         assert dict(world.prefect.calls) == before  # nothing, not even a list
-        assert world.controller.observe_node(node("a", 2))
+        assert world.node("a", 2)
         await world.controller.reconcile("p", full=False)
         assert world.prefect.calls["update"] == before.get("update", 0) + 1
         assert world.prefect.calls["list"] == before["list"]
@@ -165,7 +176,7 @@ def test_an_outage_is_reported_and_a_recovery_re_reads_everything() -> None:
     async def scenario(world: World) -> None:
         await world.synced()
         world.prefect.down = True
-        world.controller.observe_node(node("a", 2))
+        world.node("a", 2)
         events = await world.controller.reconcile("p", full=False)
         assert [e.reason for e in events] == ["PrefectUnreachable"]
         await world.settled()
@@ -187,12 +198,12 @@ def test_a_burst_of_changes_is_one_status_write() -> None:
     async def scenario(world: World) -> None:
         world.controller.observe_policy(policy())
         for index in range(5):
-            world.controller.observe_node(node(f"n{index}", 1))
+            world.node(f"n{index}", 1)
         await world.controller.reconcile("p", full=True)
         await world.settled()
         patches = len(world.kube.patches["p"])
         for gpus in (2, 3, 4, 3, 2):
-            world.controller.observe_node(node("n0", gpus))
+            world.node("n0", gpus)
             await world.controller.reconcile("p", full=False)
         await world.settled()
         assert len(world.kube.patches["p"]) == patches + 1
@@ -203,8 +214,8 @@ def test_a_burst_of_changes_is_one_status_write() -> None:
 
 def test_deletion_applies_the_deletion_policy() -> None:
     async def scenario(world: World) -> None:
-        world.controller.observe_node(node("a", 4))
-        world.controller.observe_node(node("b", 2))
+        world.node("a", 4)
+        world.node("b", 2)
         world.controller.observe_policy(policy("gone", nodeSelector={"matchLabels": {}}))
         world.controller.observe_policy(
             policy("kept", limitNameTemplate="kept:{node}", deletionPolicy="Retain")
@@ -225,11 +236,11 @@ def test_the_api_key_is_read_on_full_reconciles_and_sent() -> None:
 
     async def scenario(world: World) -> None:
         world.kube.secrets["ops", "prefect", "key"] = "pnu_secret"
-        world.controller.observe_node(node("a", 4))
+        world.node("a", 4)
         world.controller.observe_policy(policy(server={"remoteApiUrl": API_URL, **key}))
         await world.controller.reconcile("p", full=True)
         reads = world.kube.secret_reads
-        world.controller.observe_node(node("a", 2))
+        world.node("a", 2)
         await world.controller.reconcile("p", full=False)
         assert world.kube.secret_reads == reads  # a node change reads no Secret
         await world.controller.reconcile("p", full=True)
@@ -259,3 +270,51 @@ def test_retries_back_off_within_the_cap(failures: int) -> None:
     delay = world.controller.retry_delay(failures)
     assert 0.8 * min(3, 0.5 * 2**failures) <= delay <= 1.2 * min(3, 0.5 * 2**failures)
     assert world.controller.retry_delay(0) == 30
+
+
+def test_a_node_deleted_out_of_sight_loses_its_limit_at_the_next_resync() -> None:
+    """Deleted while the operator was standby, stopped or between watches: no DELETED event."""
+
+    async def scenario(world: World) -> None:
+        await world.synced()
+        world.node("b", 2)
+        await world.controller.reconcile("p", full=False)
+        assert sorted(world.prefect.limits) == ["gpu:a", "gpu:b"]
+        del world.kube.nodes["b"]  # gone from the API server; the watch never said so
+        await world.controller.reconcile("p", full=False)
+        assert "gpu:b" in world.prefect.limits  # a change reconcile trusts the view
+        await world.controller.reconcile("p", full=True)
+
+    world = run(scenario, resync_seconds=1e-6)  # every full reconcile lists again
+    assert sorted(world.prefect.limits) == ["gpu:a"]
+
+
+def test_what_the_watch_reports_during_a_listing_wins_over_the_listing() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced()
+        world.kube.while_listing = lambda: world.node("late", 2)
+        await world.controller.reconcile("p", full=True)
+        await world.controller.reconcile("p", full=False)  # the wake-up the new node caused
+
+    world = run(scenario, resync_seconds=1e-6)  # every full reconcile lists again
+    assert sorted(world.prefect.limits) == ["gpu:a", "gpu:late"]
+
+
+def test_only_policies_whose_verdict_changed_wake_up() -> None:
+    async def scenario(world: World) -> None:
+        world.controller.observe_policy(
+            policy("team-a", nodeSelector={"matchLabels": {"team": "a"}})
+        )
+        world.controller.observe_policy(
+            policy(
+                "team-b", limitNameTemplate="b:{node}", nodeSelector={"matchLabels": {"team": "b"}}
+            )
+        )
+        assert world.node("n", 4, team="a") == ["team-a"]
+        # Feature discovery rewrites a timestamp label every minute: nobody wakes.
+        assert world.node("n", 4, team="a", **{"nvidia.com/gfd.timestamp": "1767225600"}) == []
+        assert world.node("n", 2, team="a") == ["team-a"]  # its GPUs changed
+        assert sorted(world.node("n", 2, team="b")) == ["team-a", "team-b"]  # moved teams
+        assert world.delete_node("n") == ["team-b"]
+
+    run(scenario)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +27,10 @@ __all__ = [
 ]
 
 
+NODE_PAGE_SIZE = 500
+"""Nodes per list request: bounded memory per page, few requests for a large cluster."""
+
+
 class SecretNotFound(LookupError):
     """The API-key Secret (or its key) a policy references does not exist."""
 
@@ -37,14 +43,18 @@ def gpu_node(body: Mapping[str, Any]) -> GPUNode:
     """What matters of a Node: name, labels, and its extended resources (GPUs are among them).
 
     Heartbeats, conditions, cpu/memory and images are dropped, so an update that changes only
-    those compares equal and triggers nothing.
+    those compares equal and triggers nothing. Label keys and values are interned: GPU nodes carry
+    dozens of identical feature-discovery labels, kept once instead of once per node.
     """
     metadata = body.get("metadata") or {}
     allocatable = (body.get("status") or {}).get("allocatable") or {}
+    labels = metadata.get("labels") or {}
     return GPUNode(
         name=metadata["name"],
-        labels=dict(metadata.get("labels") or {}),
-        allocatable={key: str(value) for key, value in allocatable.items() if "/" in key},
+        labels={sys.intern(key): sys.intern(str(value)) for key, value in labels.items()},
+        allocatable={
+            sys.intern(key): str(value) for key, value in allocatable.items() if "/" in key
+        },
     )
 
 
@@ -66,9 +76,24 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api)
 
     async def list_gpu_nodes(self) -> list[GPUNode]:
-        nodes = await asyncio.to_thread(self.core.list_node)
-        serialize = self.api.sanitize_for_serialization
-        return [gpu_node(serialize(node)) for node in nodes.items]  # type: ignore[no-untyped-call]
+        """Every node, listed in pages as plain JSON (the client's models of thousands of large
+        nodes would cost more memory than the operator keeps of them)."""
+        nodes: list[GPUNode] = []
+        token: str | None = None
+        while True:
+            page = await asyncio.to_thread(self._node_page, token)
+            nodes += [gpu_node(item) for item in page.get("items") or ()]
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return nodes
+
+    def _node_page(self, token: str | None) -> dict[str, Any]:
+        options: dict[str, Any] = {"limit": NODE_PAGE_SIZE, "_preload_content": False}
+        if token:
+            options["_continue"] = token
+        response: Any = self.core.list_node(**options)  # raw: an HTTP response, not models
+        page: dict[str, Any] = json.loads(response.data)
+        return page
 
     async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
         """One key of a Secret, decoded. The value is never logged or put in an error."""

@@ -27,6 +27,7 @@ __all__ = [
     "VerdictCache",
     "desired_limits",
     "node_gpus",
+    "node_verdict",
     "parse_quantity",
 ]
 
@@ -156,8 +157,12 @@ class VerdictCache:
         self.entries: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]] = {}
 
 
-def _node_verdict(policy: Policy, node: GPUNode) -> _Verdict | None:
-    """None when the policy gives the node no limit (not selected, or no such resource)."""
+def node_verdict(policy: Policy, node: GPUNode | None) -> _Verdict | None:
+    """What ``policy`` wants for ``node``: (limit name, limit or None, why not readable); None
+    when it gives the node no limit (absent, not selected, or none of its resources). Raises
+    LimitNameError when the template cannot name the node."""
+    if node is None:
+        return None
     spec = policy.spec
     if not spec.node_selector.matches(node.labels):
         return None
@@ -187,7 +192,7 @@ def _policy_candidates(
         if cached is not None and cached[0] is policy and cached[1] is node:
             verdict = cached[2]
         else:
-            verdict = _node_verdict(policy, node)
+            verdict = node_verdict(policy, node)
         kept[key] = (policy, node, verdict)
         if verdict is None:
             continue

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from prefect_gpu_operator.adapters.kube import SecretNotFound, gpu_node
+from prefect_gpu_operator.adapters.kube import SecretNotFound
 from prefect_gpu_operator.adapters.prefect_limits import PrefectLimits, PrefectUnreachable
 from prefect_gpu_operator.api.limit_names import LimitNameError
 from prefect_gpu_operator.api.policy import GPULimitPolicySpec, GPULimitPolicyStatus
@@ -29,12 +29,14 @@ from prefect_gpu_operator.domain.desired import (
     PolicyDesired,
     VerdictCache,
     desired_limits,
+    node_verdict,
 )
 from prefect_gpu_operator.domain.events import Event
 from prefect_gpu_operator.domain.plan import Change, changes, plan_policy
 from prefect_gpu_operator.domain.status import Outcome
 from prefect_gpu_operator.domain.worker_pods import WorkerPods
 from prefect_gpu_operator.metrics import RECONCILE_SECONDS, RECONCILES
+from prefect_gpu_operator.runtime.nodes import NodeChange, NodeView
 from prefect_gpu_operator.runtime.ports import ConnectPrefect, KubeApi, LimitsApi
 from prefect_gpu_operator.runtime.prefect_view import Listing, PrefectView
 from prefect_gpu_operator.runtime.records import PolicyRecord
@@ -65,7 +67,7 @@ class Controller:
     ) -> None:
         self.settings = settings
         self.kube = kube
-        self.nodes: dict[str, GPUNode] = {}
+        self.node_view = NodeView(kube)
         self.policies: dict[str, PolicyRecord] = {}
         self.workers = WorkerPods()
         self.prefect = PrefectView(
@@ -76,26 +78,36 @@ class Controller:
 
     # --- what the watches tell us ------------------------------------------------------------
 
+    @property
+    def nodes(self) -> Mapping[str, GPUNode]:
+        return self.node_view.nodes
+
     def seed_nodes(self, nodes: Iterable[GPUNode]) -> None:
         """The node view at start-up, before any policy reconciles: a restart must never see
         "no nodes" and delete limits that are still needed."""
-        for node in nodes:
-            self.nodes[node.name] = node
+        self.node_view.seed(nodes)
 
-    def observe_node(self, body: Mapping[str, Any], deleted: bool = False) -> bool:
-        """Record a node; True (and every policy woken) if its labels or GPUs changed."""
-        node = gpu_node(body)
-        before = self.nodes.get(node.name)
-        if deleted:
-            self.nodes.pop(node.name, None)
-            changed = before is not None
-        else:
-            changed = before != node
-            if changed:  # keep the same object while unchanged: verdict caches key on identity
-                self.nodes[node.name] = node
-        if changed:
-            self.wake_all()
-        return changed
+    def observe_node(self, body: Mapping[str, Any], deleted: bool = False) -> list[str]:
+        """Record a node; the policies woken because what they want of it changed."""
+        change = self.node_view.observe(body, deleted)
+        return self._wake_for(change) if change is not None else []
+
+    def _wake_for(self, change: NodeChange) -> list[str]:
+        """Wake the policies whose verdict on the node changed: label churn that changes no
+        selector verdict and no GPU count (a feature-discovery timestamp) wakes nobody."""
+        before, after = change
+        woken = []
+        for name, record in self.policies.items():
+            if record.policy is None:
+                continue
+            try:
+                changed = node_verdict(record.policy, before) != node_verdict(record.policy, after)
+            except LimitNameError:
+                changed = True  # its reconcile reports the template
+            if changed:
+                record.wake.set()
+                woken.append(name)
+        return woken
 
     def observe_policy(self, body: Mapping[str, Any]) -> PolicyRecord:
         """Record a policy's spec; wake every policy when a spec appears or changes."""
@@ -190,6 +202,9 @@ class Controller:
             return []
         started = time.perf_counter()
         trigger = "full" if full else "change"
+        if full:  # a resync re-lists the nodes (one listing serves every policy's resync)
+            for change in await self.node_view.refresh(self.settings.resync_seconds / 2):
+                self._wake_for(change)
         async with contextlib.AsyncExitStack() as stack:
             listed = None
             if full and not deleting and record.policy is not None:
