@@ -8,7 +8,7 @@ import logging
 
 import kopf
 
-from prefect_gpu_operator.settings import OperatorSettings
+from prefect_gpu_operator.settings import OperatorSettings, current_settings
 
 __all__ = ["add_run_command", "run_operator"]
 
@@ -41,7 +41,7 @@ def run_operator(settings: OperatorSettings, *, verbose: bool = False) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_operator(OperatorSettings(), verbose=args.verbose)
+    run_operator(current_settings(), verbose=args.verbose)
     return 0
 
 

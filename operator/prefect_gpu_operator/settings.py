@@ -7,13 +7,14 @@ here, so Prefect's own ``PREFECT_API_*`` variables are not used by the operator.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["OperatorSettings"]
+__all__ = ["OperatorSettings", "current_settings"]
 
 
 class OperatorSettings(BaseSettings):
@@ -35,6 +36,12 @@ class OperatorSettings(BaseSettings):
         ge=0,
         description="Status writes after a change wait this long so that a burst of node changes "
         "is written as one. Writes that must precede a Prefect call are never delayed.",
+    )
+    drain_poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="While a limit drains (its node lost GPUs that slots are still held on), how "
+        "often the held slots are read again so that the limit follows them down.",
     )
     retry_max_seconds: float = Field(
         default=30.0,
@@ -114,6 +121,14 @@ class OperatorSettings(BaseSettings):
         description="With webhook_tls_secret: the MutatingWebhookConfiguration whose webhooks get "
         "the CA as caBundle at start-up.",
     )
+    watch_worker_pods: bool = Field(
+        default=True,
+        description="Watch the Prefect pods the webhook labelled (prefectgpu.io/has-worker-id; "
+        "the API server filters the watch): report where workers run in each policy's status, "
+        "warn GPU pods on nodes without a limit or with fewer GPUs than their limit counts, and "
+        "count their GPUs for policies with capacityFrom WorkerPods. Off: no pod is read at "
+        "all, and such policies are reported invalid.",
+    )
     inject_excluded_namespaces: list[str] = Field(
         default=["kube-system"],
         description="Namespaces whose pods are never changed, besides the operator's own. The "
@@ -135,3 +150,9 @@ class OperatorSettings(BaseSettings):
         if self.webhook_tls_secret and not self.webhook_tls_hosts:
             raise ValueError("webhook_tls_secret needs webhook_tls_hosts (the Service's names)")
         return self
+
+
+@functools.cache
+def current_settings() -> OperatorSettings:
+    """This process's settings, read from the environment once."""
+    return OperatorSettings()

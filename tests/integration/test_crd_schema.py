@@ -112,6 +112,7 @@ def test_valid_policy_gets_the_models_defaults(kubectl: Kubectl) -> None:
     assert stored == {
         "server": REMOTE,
         "resources": ["nvidia.com/gpu"],
+        "capacityFrom": "Allocatable",
         "slotsPerGpu": 1,
         "limitNameTemplate": "gpu:{node}",
         "deletionPolicy": "Delete",
@@ -162,6 +163,19 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
         "should be greater than or equal to 1",
     ),
     ("zero-slots", {"server": REMOTE, "slotsPerGpu": 0}, "should be greater than or equal to 1"),
+    (
+        "capacity-from-typo",
+        {"server": REMOTE, "capacityFrom": "Workers"},
+        'Unsupported value: "Workers"',
+    ),
+    (
+        "worker-selector-bad-operator",
+        {
+            "server": REMOTE,
+            "workerSelector": {"matchExpressions": [{"key": "a", "operator": "Is"}]},
+        },
+        'Unsupported value: "Is"',
+    ),
     (
         "bad-operator",
         {"server": REMOTE, "nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}},

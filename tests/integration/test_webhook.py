@@ -141,7 +141,8 @@ def test_nothing_but_worker_id_changes(webhook: WebhookEndpoint, pods: Pods) -> 
     assert mutated["spec"] == expected
     labels = dict(twin["metadata"]["labels"])
     del labels["prefectgpu.io/inject-worker-id"]
-    assert mutated["metadata"]["labels"] == labels
+    # The one label the webhook adds: the operator's pod watch asks for these pods only.
+    assert mutated["metadata"]["labels"] == {**labels, "prefectgpu.io/has-worker-id": "true"}
     assert set(mutated["metadata"]) == set(twin["metadata"])  # no annotation or finalizer added
 
 
@@ -175,7 +176,11 @@ def test_worker_nodes_in_status_and_a_warning_without_limit(
     )
     eventually(lambda: _assert_equal(policies.status("w1").get("nodes"), 1))
     pods.create("w1-on-gpu", WORKER, node="w1-gpu")
-    pods.create("w1-on-cpu", WORKER, node="w1-cpu")
+    gpu_pod = [
+        {"name": "main", "image": "prefect", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+    ]
+    pods.create("w1-on-cpu", WORKER, containers=gpu_pod, node="w1-cpu")  # wants a GPU there
+    pods.create("w1-cpu-flow-run", FLOW_RUN, node="w1-cpu")  # CPU work: nothing to warn about
     pods.create("w1-pending", FLOW_RUN)  # not scheduled: not on any node yet
     pods.create("w1-other", {"app": "nginx"}, node="w1-cpu")  # not a Prefect pod
 
@@ -196,6 +201,7 @@ def test_worker_nodes_in_status_and_a_warning_without_limit(
     assert "w1-cpu has no GPU concurrency limit" in event.message
     assert "will fail" in event.message
     assert _events(core_v1, "w1-on-gpu") == []
+    assert _events(core_v1, "w1-cpu-flow-run") == []
     assert _events(core_v1, "w1-other") == []
     pod = core_v1.read_namespaced_pod("w1-on-gpu", "default")
     assert not pod.metadata.finalizers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound, StatusNotWritten, gpu_node
@@ -54,15 +55,24 @@ class FakePrefect:
         self._call("list")
         return dict(self.limits)
 
+    async def read(self, name: str) -> ObservedLimit | None:
+        self._call("read", name)
+        return self.limits.get(name)
+
     async def create(self, name: str, limit: int, slot_decay_per_second: float) -> None:
         self._call("create", name)
         self.limits[name] = ObservedLimit(name, limit, True, slot_decay_per_second)
 
     async def update(self, name: str, limit: int, slot_decay_per_second: float) -> None:
         self._call("update", name)
-        before = self.limits.get(name)
-        active = before.active if before else True
-        self.limits[name] = ObservedLimit(name, limit, active, slot_decay_per_second)
+        before = self.limits.get(name) or ObservedLimit(name, limit)
+        self.limits[name] = replace(
+            before, limit=limit, slot_decay_per_second=slot_decay_per_second
+        )
+
+    def hold(self, name: str, slots: int) -> None:
+        """Holders now keep ``slots`` of the limit (what flow runs' leases would do)."""
+        self.limits[name] = replace(self.limits[name], active_slots=slots)
 
     async def delete(self, name: str) -> None:
         self._call("delete", name)

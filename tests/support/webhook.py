@@ -73,6 +73,10 @@ class Pods:
         pod: dict[str, Any] = self.api.sanitize_for_serialization(created)
         return pod
 
+    def delete(self, name: str, namespace: str = "default") -> None:
+        self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+        self.created.remove((namespace, name))
+
     def delete_all(self) -> None:
         for namespace, name in self.created:
             try:

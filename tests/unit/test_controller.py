@@ -267,9 +267,9 @@ def test_a_missing_secret_is_reported_like_an_unreachable_server() -> None:
 @pytest.mark.parametrize("failures", [1, 2, 10])
 def test_retries_back_off_within_the_cap(failures: int) -> None:
     world = World(retry_max_seconds=3, resync_seconds=30)
-    delay = world.controller.retry_delay(failures)
+    delay = world.controller.next_wait("p", failures)
     assert 0.8 * min(3, 0.5 * 2**failures) <= delay <= 1.2 * min(3, 0.5 * 2**failures)
-    assert world.controller.retry_delay(0) == 30
+    assert world.controller.next_wait("p", 0) == 30
 
 
 def test_a_node_deleted_out_of_sight_loses_its_limit_at_the_next_resync() -> None:
@@ -318,3 +318,86 @@ def test_only_policies_whose_verdict_changed_wake_up() -> None:
         assert world.delete_node("n") == ["team-b"]
 
     run(scenario)
+
+
+def test_a_node_that_loses_its_gpus_drains_instead_of_stranding_slots() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced(4)
+        world.prefect.hold("gpu:a", 3)
+        world.node("a", 0)
+        await world.controller.reconcile("p", full=False)
+        assert world.prefect.limits["gpu:a"].limit == 3  # never below what is held
+        assert world.controller.next_wait("p", 0) == 0.5  # polls while draining
+        world.prefect.hold("gpu:a", 1)
+        await world.controller.reconcile("p", full=False)
+        assert world.prefect.limits["gpu:a"].limit == 1
+        await world.settled()
+        assert world.status()["limits"] == [
+            {"name": "gpu:a", "node": "a", "limit": 1, "drainingTo": 0}
+        ]
+        world.prefect.hold("gpu:a", 0)
+        events = await world.controller.reconcile("p", full=False)
+        assert [e.message for e in events] == ["gpu:a: limit 1 -> 0"]
+        assert world.controller.next_wait("p", 0) == 30
+        await world.settled()
+
+    world = run(scenario, drain_poll_seconds=0.5, resync_seconds=30)
+    assert world.prefect.limits["gpu:a"].limit == 0
+    assert world.status()["limits"] == [{"name": "gpu:a", "node": "a", "limit": 0}]
+
+
+def _pod(uid: str, node: str, gpus: int) -> dict[str, Any]:
+    container = {
+        "name": "worker",
+        "env": [{"name": "WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {},
+    }
+    return {
+        "metadata": {"uid": uid, "name": f"worker-{uid}", "namespace": "ml"},
+        "spec": {"nodeName": node, "containers": [container]},
+        "status": {"phase": "Running"},
+    }
+
+
+def test_capacity_from_worker_pods_follows_them() -> None:
+    async def scenario(world: World) -> None:
+        world.node("a", 8)
+        world.controller.observe_policy(policy(capacityFrom="WorkerPods"))
+        await world.controller.reconcile("p", full=True)
+        assert world.prefect.limits["gpu:a"].limit == 0  # no worker yet
+        world.controller.observe_pod(_pod("w1", "a", 2))
+        await world.controller.reconcile("p", full=False)
+        assert world.prefect.limits["gpu:a"].limit == 2
+        world.controller.observe_pod(_pod("w1", "a", 2), deleted=True)
+        world.controller.observe_pod(_pod("w2", "a", 4))  # its replacement, resized
+        await world.controller.reconcile("p", full=False)
+        assert world.prefect.limits["gpu:a"].limit == 4
+
+    run(scenario)
+
+
+def test_gpu_pods_that_see_fewer_gpus_than_their_limit_are_reported() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced(4)
+        cpu = world.controller.observe_pod(_pod("cpu", "a", 0))
+        assert cpu is None  # a CPU flow run asks nothing of the GPUs: no warning
+        short = world.controller.observe_pod(_pod("short", "a", 1))
+        assert short is not None
+        assert short.reason == "WorkerSeesFewerGPUs"
+        assert "node a: pod ml/worker-short was given 1 GPU(s)" in short.message
+        assert "gpu:a counts 4" in short.message
+        assert world.controller.observe_pod(_pod("short", "a", 1)) is None  # warned once
+        whole = world.controller.observe_pod(_pod("whole", "a", 4))
+        assert whole is None
+        world.node("b", None)  # a CPU node: no limit
+        lost = world.controller.observe_pod(_pod("lost", "b", 1))
+        assert lost is not None
+        assert lost.reason == "NoGPULimit"
+        await world.controller.reconcile("p", full=False)
+        await world.settled()
+
+    world = run(scenario)
+    matched = world.condition("WorkersMatchLimits")
+    assert matched["status"] == "False"
+    assert "pod ml/worker-short" in matched["message"]
+    assert "worker-whole" not in matched["message"]

@@ -164,6 +164,7 @@ def test_schema_defaults_match_model_defaults() -> None:
     assert defaulted == {
         "server": minimal["server"],
         "resources": ["nvidia.com/gpu"],
+        "capacityFrom": "Allocatable",
         "slotsPerGpu": 1,
         "limitNameTemplate": "gpu:{node}",
         "deletionPolicy": "Delete",

@@ -19,6 +19,7 @@ from prefect_gpu_operator.domain.desired import (
     node_gpus,
     parse_quantity,
 )
+from prefect_gpu_operator.domain.worker_pods import WorkerPod
 
 NV = "nvidia.com/gpu"
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -278,3 +279,43 @@ def test_verdict_cache_never_changes_the_result() -> None:
         cached = desired_limits(policies.values(), nodes.values(), cache)
         assert cached == desired_limits(policies.values(), nodes.values())
     assert len(cache.entries) == len(policies) * len(nodes)  # nothing stale is kept
+
+
+def _worker(node: str, gpus: int, **labels: str) -> WorkerPod:
+    return WorkerPod(
+        uid=f"{node}-{gpus}", namespace="ml", name="w", node=node, labels=labels,
+        gpus={NV: gpus},
+    )  # fmt: skip
+
+
+def test_capacity_from_worker_pods_counts_the_devices_they_were_given() -> None:
+    nodes = [GPUNode("a", allocatable={NV: "8"}), GPUNode("b", allocatable={NV: "8"})]
+    counted = policy(capacityFrom="WorkerPods", workerSelector={"matchLabels": {"role": "gpu"}})
+    workers = {
+        "a": (_worker("a", 2, role="gpu"), _worker("a", 4, role="cpu")),  # only role=gpu counts
+    }
+    limits = desired_limits([counted], nodes, workers=workers)["gpus"].limits
+    assert {n: limit.limit for n, limit in limits.items()} == {"gpu:a": 2, "gpu:b": 0}
+    plain = policy()
+    limits = desired_limits([plain], nodes, workers=workers)["gpus"].limits
+    assert {n: limit.limit for n, limit in limits.items()} == {"gpu:a": 8, "gpu:b": 8}
+
+
+def test_the_cache_sees_worker_pods_change() -> None:
+    node = GPUNode("a", allocatable={NV: "8"})
+    counted = policy(capacityFrom="WorkerPods")
+    cache = VerdictCache()
+    first = desired_limits([counted], [node], cache, {"a": (_worker("a", 2),)})
+    second = desired_limits([counted], [node], cache, {"a": (_worker("a", 6),)})
+    assert first["gpus"].limits["gpu:a"].limit == 2
+    assert second["gpus"].limits["gpu:a"].limit == 6
+
+
+@pytest.mark.parametrize(("replicas", "limit"), [("4", 8), ("1", 16), ("none", 16)])
+def test_slots_per_gpu_is_not_applied_where_the_device_plugin_time_slices(
+    replicas: str, limit: int
+) -> None:
+    """Time-slicing already advertises every replica as a GPU (8 = 2 GPUs x 4 replicas)."""
+    node = GPUNode("a", labels={"nvidia.com/gpu.replicas": replicas}, allocatable={NV: "8"})
+    (desired,) = desired_limits([policy(slotsPerGpu=2)], [node])["gpus"].limits.values()
+    assert desired.limit == limit

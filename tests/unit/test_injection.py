@@ -87,7 +87,21 @@ def test_only_worker_id_is_added_to_every_container() -> None:
     expected["spec"]["containers"][0]["env"].insert(0, WORKER_ID_VAR)
     expected["spec"]["containers"][1]["env"] = [WORKER_ID_VAR]
     expected["spec"]["initContainers"][0]["env"] = [WORKER_ID_VAR]
+    expected["metadata"]["labels"]["prefectgpu.io/has-worker-id"] = "true"  # for the pod watch
     assert after == expected
+
+
+def test_a_pod_with_its_own_worker_id_is_labelled_and_nothing_else() -> None:
+    own = {"name": "WORKER_ID", "value": "gpu-7"}
+    pod = _pod(WORKER, containers=[{"name": "a", "image": "i", "env": [own]}])
+    assert DEFAULT.patch(pod) == [
+        {"op": "add", "path": "/metadata/labels/prefectgpu.io~1has-worker-id", "value": "true"}
+    ]
+    unlabelled = copy.deepcopy(pod)
+    del unlabelled["metadata"]["labels"]
+    assert DEFAULT.patch(unlabelled) == [
+        {"op": "add", "path": "/metadata/labels", "value": {"prefectgpu.io/has-worker-id": "true"}}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -136,7 +150,8 @@ def test_extra_env_is_added_like_worker_id_but_never_replaces_it() -> None:
 def test_patch_is_json_patch_with_explicit_paths() -> None:
     pod = _pod(WORKER, containers=[{"name": "a", "image": "i", "env": [{"name": "A"}]}])
     assert DEFAULT.patch(pod) == [
-        {"op": "add", "path": "/spec/containers/0/env/0", "value": WORKER_ID_VAR}
+        {"op": "add", "path": "/spec/containers/0/env/0", "value": WORKER_ID_VAR},
+        {"op": "add", "path": "/metadata/labels/prefectgpu.io~1has-worker-id", "value": "true"},
     ]
 
 
@@ -151,11 +166,14 @@ def _scheduled(uid: str, node: str | None, labels: dict[str, str] = WORKER) -> d
 def test_worker_pods_track_nodes_and_warn_once() -> None:
     pods = WorkerPods()
     assert not pods.observe(_scheduled("u1", None))  # pending: no node yet
-    assert pods.first_sighting(_scheduled("u1", None)) is None
+    assert pods.first_sighting("u1") is None
     assert pods.observe(_scheduled("u1", "gpu-1"))
-    assert pods.first_sighting(_scheduled("u1", "gpu-1")) == "gpu-1"
-    assert pods.first_sighting(_scheduled("u1", "gpu-1")) is None  # warned once
-    assert not pods.observe(_scheduled("u2", "gpu-1"))  # same node set
+    sighted = pods.first_sighting("u1")
+    assert sighted is not None
+    assert (sighted.node, sighted.reference) == ("gpu-1", "default/p")
+    assert pods.first_sighting("u1") is None  # warned once
+    assert pods.observe(_scheduled("u2", "gpu-1"))
+    assert pods.nodes() == {"gpu-1"}
     own = _pod({}, containers=[{"name": "a", "image": "i", "env": [{"name": "WORKER_ID"}]}])
     own["metadata"]["uid"], own["spec"]["nodeName"] = "u3", "cpu-1"
     assert pods.observe(own)  # sets WORKER_ID itself: a Prefect pod all the same
@@ -163,7 +181,25 @@ def test_worker_pods_track_nodes_and_warn_once() -> None:
     no_worker_id = _pod({"app.kubernetes.io/name": "prefect-worker"})
     no_worker_id["metadata"]["uid"], no_worker_id["spec"]["nodeName"] = "u4", "cpu-1"
     assert not pods.observe(no_worker_id)  # admitted while the webhook was down
-    assert pods.nodes() == {"gpu-1"}
-    assert not pods.observe(_scheduled("u1", "gpu-1"), deleted=True)
-    assert pods.observe(_scheduled("u2", "gpu-1"), deleted=True)
+    assert pods.observe(_scheduled("u1", "gpu-1"), deleted=True)
+    finished = _scheduled("u2", "gpu-1")
+    finished["status"] = {"phase": "Succeeded"}
+    assert pods.observe(finished)  # a finished flow-run pod no longer runs anything
     assert pods.nodes() == frozenset()
+
+
+def test_worker_pods_count_the_devices_their_containers_were_given() -> None:
+    pod = _scheduled("u1", "gpu-1")
+    pod["spec"]["containers"] = [
+        {"name": "a", "resources": {"limits": {"nvidia.com/gpu": "2", "cpu": "4"}}},
+        {"name": "b", "resources": {"requests": {"nvidia.com/gpu": 1, "amd.com/gpu": "1"}}},
+        {"name": "c", "env": [{"name": "WORKER_ID"}]},
+    ]
+    pods = WorkerPods()
+    assert pods.observe(pod)
+    (worker,) = pods.on("gpu-1")
+    assert worker.gpus == {"nvidia.com/gpu": 3, "amd.com/gpu": 1}
+    assert worker.gpus_of(["nvidia.com/gpu"]) == 3
+    pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "4"
+    assert pods.observe(pod)  # resized (a new pod of the same name is a new uid, too)
+    assert pods.on("gpu-1")[0].gpus_of(["nvidia.com/gpu"]) == 5

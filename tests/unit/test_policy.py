@@ -44,6 +44,11 @@ def test_round_trip_uses_kubernetes_field_names() -> None:
             "matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "b"]}],
         },
         "resources": ["nvidia.com/mig-1g.10gb", "amd.com/gpu"],
+        "capacityFrom": "WorkerPods",
+        "workerSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "prefect-worker"},
+            "matchExpressions": [],
+        },
         "slotsPerGpu": 4,
         "limitNameTemplate": "inference:{node}",
         "slotDecayPerSecond": 0.5,

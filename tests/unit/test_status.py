@@ -25,6 +25,7 @@ def test_a_synced_plan_makes_a_ready_status_with_its_ledger() -> None:
         "Ready": ("True", "LimitsInSync", "t1"),
         "PrefectReachable": ("True", "Connected", "t1"),
         "Conflict": ("False", "NoConflict", "t1"),
+        "WorkersMatchLimits": ("True", "WorkersSeeTheirGPUs", "t1"),
     }
     assert status.conditions[0].message == "2 limits with 6 slots in sync"
     assert {c.observed_generation for c in status.conditions} == {3}
@@ -37,6 +38,7 @@ def test_transition_time_moves_only_when_a_condition_flips() -> None:
         "Ready": "t1",
         "PrefectReachable": "t1",
         "Conflict": "t1",
+        "WorkersMatchLimits": "t1",
     }
     down = build_status(Outcome(2, Plan(claim=(A, B)), prefect_error="refused"), again, "t3")
     assert conditions(down)["Ready"] == ("False", "PrefectUnreachable", "t3")
@@ -83,3 +85,26 @@ def test_the_body_written_is_the_models_camel_case_dump() -> None:
     assert body["workers"] == [{"node": "x"}]  # no limit: the key is left out
     assert body["conditions"][0]["lastTransitionTime"] == "t1"
     assert GPULimitPolicyStatus.model_validate(body) == status  # what is read back is the same
+
+
+def test_draining_limits_time_sliced_nodes_and_short_workers_are_reported() -> None:
+    draining = LimitEntry(name="gpu:a", node="a", limit=3, draining_to=0)
+    short = ("node a: pod ml/worker was given 1 GPU(s) (1 slot(s)), its limit gpu:a counts 4",)
+    outcome = Outcome(1, Plan(ledger=(draining, B)), time_sliced=("b",), short_workers=short)
+    status = build_status(outcome, EMPTY, "t1")
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    assert ready.status == "True"
+    assert "1 draining as held slots are released (gpu:a 3 -> 0)" in ready.message
+    assert "slotsPerGpu not applied on time-sliced nodes (b)" in ready.message
+    matched = next(c for c in status.conditions if c.type == "WorkersMatchLimits")
+    assert (matched.status, matched.reason, matched.message) == (
+        "False",
+        "WorkerSeesFewerGPUs",
+        short[0],
+    )
+    assert status_body(status)["limits"][0] == {
+        "name": "gpu:a",
+        "node": "a",
+        "limit": 3,
+        "drainingTo": 0,
+    }

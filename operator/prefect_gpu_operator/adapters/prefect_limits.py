@@ -35,6 +35,16 @@ def _path(name: str) -> str:
     return f"/v2/concurrency_limits/{quote(name, safe=':')}"
 
 
+def _observed(item: dict[str, Any]) -> ObservedLimit:
+    return ObservedLimit(
+        item["name"],
+        int(item["limit"]),
+        bool(item.get("active", True)),
+        float(item.get("slot_decay_per_second") or 0.0),
+        int(item.get("active_slots") or 0),
+    )
+
+
 class PrefectLimits:
     """Create, read, update and delete global concurrency limits on one Prefect API (the runtime's
     ``LimitsApi``)."""
@@ -58,16 +68,15 @@ class PrefectLimits:
             page: list[dict[str, Any]] = (
                 await self._request("list", "POST", "/v2/concurrency_limits/filter", body)
             ).json()
-            for item in page:
-                found[item["name"]] = ObservedLimit(
-                    item["name"],
-                    int(item["limit"]),
-                    bool(item.get("active", True)),
-                    float(item.get("slot_decay_per_second") or 0.0),
-                )
+            found.update((item["name"], _observed(item)) for item in page)
             if len(page) < PAGE_SIZE:
                 return found
             offset += PAGE_SIZE
+
+    async def read(self, name: str) -> ObservedLimit | None:
+        """One limit as it is now (its held slots included); None if it does not exist."""
+        response = await self._request("read", "GET", _path(name), None, ok={404})
+        return None if response.status_code == 404 else _observed(response.json())
 
     async def create(self, name: str, limit: int, slot_decay_per_second: float) -> None:
         """Create the limit; if it appeared meanwhile, set it instead (the caller owns the name)."""

@@ -190,6 +190,8 @@ def _spec_schema() -> Schema:
                 "maxItems": 32,
                 "x-kubernetes-list-type": "set",
             },
+            "capacityFrom": _string(enum=["Allocatable", "WorkerPods"]),
+            "workerSelector": _label_selector_schema(),
             "slotsPerGpu": {"type": "integer", "format": "int32", "minimum": 1},
             "limitNameTemplate": _string(
                 minLength=1,
@@ -234,6 +236,7 @@ def _status_schema() -> Schema:
             "name": _string(minLength=1),
             "node": _string(minLength=1),
             "limit": {"type": "integer", "minimum": 0},
+            "drainingTo": {"type": "integer", "minimum": 0},
         },
         required=["name", "node", "limit"],
     )

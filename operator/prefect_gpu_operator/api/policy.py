@@ -178,15 +178,15 @@ class LabelSelectorRequirement(_KubeModel):
 class LabelSelector(_KubeModel):
     match_labels: dict[str, str] = Field(
         default_factory=dict,
-        description="Labels a node must carry with exactly these values (ANDed with "
+        description="Labels a selected object must carry with exactly these values (ANDed with "
         "matchExpressions).",
     )
     match_expressions: tuple[LabelSelectorRequirement, ...] = Field(
-        default=(), description="Label requirements, all of which a node must satisfy."
+        default=(), description="Label requirements, all of which a selected object must satisfy."
     )
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        """Kubernetes semantics: every term must hold; an empty selector matches every node."""
+        """Kubernetes semantics: every term must hold; an empty selector matches everything."""
         return all(labels.get(key) == value for key, value in self.match_labels.items()) and all(
             requirement.matches(labels) for requirement in self.match_expressions
         )
@@ -214,11 +214,26 @@ class GPULimitPolicySpec(_KubeModel):
         description="Extended resources summed per node to count its GPUs, e.g. nvidia.com/gpu, "
         "nvidia.com/mig-1g.10gb or amd.com/gpu. Nodes with none of them get no limit.",
     )
+    capacity_from: Literal["Allocatable", "WorkerPods"] = Field(
+        default="Allocatable",
+        description="Where a node's GPU count comes from. Allocatable: the node's allocatable "
+        "resources, every device the device plugin offers (right when one Prefect worker per "
+        "node requests all of them). WorkerPods: the devices the node's Prefect worker pods "
+        "(those workerSelector selects) were given, so the limit equals exactly the GPUs those "
+        "pods can see; a node without such a pod gets limit 0.",
+    )
+    worker_selector: LabelSelector = Field(
+        default_factory=LabelSelector,
+        description="With capacityFrom WorkerPods: which Prefect worker pods count (pods that "
+        "carry WORKER_ID, labelled prefectgpu.io/has-worker-id). Empty selects all of them.",
+    )
     slots_per_gpu: int = Field(
         default=1,
         ge=1,
-        description="Slots per GPU: the limit is allocatable GPUs x slotsPerGpu. Raise it for "
-        "time-sliced GPUs.",
+        description="Slots per GPU: the limit is the node's GPUs x slotsPerGpu, for GPUs shared "
+        "without the device plugin (e.g. several small models per GPU). Not applied on nodes "
+        "whose device plugin time-slices the GPUs (label nvidia.com/gpu.replicas above 1): the "
+        "plugin already counts every replica, so it would count twice.",
     )
     limit_name_template: str = Field(
         default=DEFAULT_LIMIT_NAME_TEMPLATE,
@@ -272,6 +287,13 @@ class LimitEntry(_KubeModel):
     name: str = Field(min_length=1, description="The limit's name in Prefect.")
     node: str = Field(min_length=1, description="The node the limit is for.")
     limit: int = Field(ge=0, description="The limit last written to Prefect.")
+    draining_to: int | None = Field(
+        default=None,
+        ge=0,
+        description="Set while the limit drains: the node has fewer GPUs than slots are held, so "
+        "the limit stays at the holders and follows them down to this target as they release "
+        "(Prefect cannot release a slot into a limit of 0).",
+    )
 
 
 class WorkerNode(_KubeModel):

@@ -1,22 +1,24 @@
 """Which global concurrency limits should exist: a pure function of the policies and the nodes.
 
 For each policy, every node its ``nodeSelector`` selects that has at least one of its ``resources``
-in ``status.allocatable`` gets one limit, named by ``limitNameTemplate``, of
-``sum(allocatable GPUs) x slotsPerGpu`` slots. When several policies would own the same limit name,
-the oldest policy (creationTimestamp, then name) owns it; the others record a conflict and leave it
-alone, so no two policies ever fight over one limit.
+in ``status.allocatable`` gets one limit, named by ``limitNameTemplate``, of ``GPUs x slotsPerGpu``
+slots. The GPUs are the node's allocatable ones, or with ``capacityFrom: WorkerPods`` the devices
+its Prefect worker pods were given; ``slotsPerGpu`` is not applied where the device plugin
+time-slices the GPUs (it already counts each replica). When several policies would own the same
+limit name, the oldest policy (creationTimestamp, then name) owns it; the others record a
+conflict and leave it alone, so no two policies ever fight over one limit.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 
 from prefect_gpu_operator.api.limit_names import limit_name
 from prefect_gpu_operator.api.policy import GPULimitPolicySpec
+from prefect_gpu_operator.domain.quantities import QuantityError, parse_quantity
+from prefect_gpu_operator.domain.worker_pods import WorkerPod
 
 __all__ = [
     "DesiredLimit",
@@ -30,10 +32,6 @@ __all__ = [
     "node_verdict",
     "parse_quantity",
 ]
-
-
-class QuantityError(ValueError):
-    """A resource quantity that is not a whole, non-negative number."""
 
 
 @dataclass(frozen=True)
@@ -86,40 +84,6 @@ class PolicyDesired:
         return sum(limit.limit for limit in self.limits.values())
 
 
-# --- quantities ----------------------------------------------------------------------------------
-
-_QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
-# Suffix → power of ten (SI) or of two (binary).
-_DECIMAL_SUFFIXES = dict(zip("numkMGTPE", (-9, -6, -3, 3, 6, 9, 12, 15, 18), strict=True)) | {"": 0}
-_BINARY_SUFFIXES = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
-
-
-def parse_quantity(quantity: str) -> int:
-    """A Kubernetes quantity as a whole count: "4" → 4, "1k" → 1000, "2000m" → 2.
-
-    Extended resources such as GPUs are whole devices, so "500m" or "1.5" is an error, as is a
-    negative count.
-    """
-    if quantity.isdigit():  # the usual case ("4"): skip the general parser
-        return int(quantity)
-    match = _QUANTITY.match(quantity.strip())
-    if match is None:
-        raise QuantityError(f"{quantity!r} is not a Kubernetes quantity")
-    number, suffix = match.group(1), match.group(2) or ""
-    value = Decimal(number)  # the regex admits only valid decimals
-    if suffix in _BINARY_SUFFIXES:
-        value *= 2 ** _BINARY_SUFFIXES[suffix]
-    elif suffix[:1] in ("e", "E"):
-        value = value.scaleb(int(suffix[1:]))
-    else:
-        value = value.scaleb(_DECIMAL_SUFFIXES[suffix])
-    if value != value.to_integral_value():
-        raise QuantityError(f"{quantity!r} is fractional; GPUs are counted in whole devices")
-    if value < 0:
-        raise QuantityError(f"{quantity!r} is negative")
-    return int(value)
-
-
 def node_gpus(node: GPUNode, resources: Iterable[str]) -> int | None:
     """The node's allocatable GPUs summed over ``resources``; None if it has none of them.
 
@@ -143,23 +107,43 @@ def node_gpus(node: GPUNode, resources: Iterable[str]) -> int | None:
 
 # A node's verdict under one policy: (limit name, its limit, or why its GPUs cannot be read).
 _Verdict = tuple[str, DesiredLimit | None, str | None]
+_Workers = tuple[WorkerPod, ...]
+_Entry = tuple[Policy, GPUNode, _Workers, _Verdict | None]
+
+GPU_REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+"""Set by NVIDIA's GPU feature discovery: how many replicas the device plugin makes of each GPU
+when it time-slices them (each replica is one allocatable nvidia.com/gpu)."""
 
 
 class VerdictCache:
     """Verdicts of (policy, node) pairs kept between calls of :func:`desired_limits`.
 
     Policies and nodes are immutable values, and the operator keeps the same object while one is
-    unchanged, so an entry whose policy and node are the very objects passed again is still
-    right: after a node change only that node is evaluated again, not all of them.
+    unchanged, so an entry whose policy and node are the very objects passed again (and whose
+    worker pods are equal) is still right: after a node change only that node is evaluated again.
     """
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]] = {}
+        self.entries: dict[tuple[str, str], _Entry] = {}
 
 
-def node_verdict(policy: Policy, node: GPUNode | None) -> _Verdict | None:
+def time_sliced(node: GPUNode) -> bool:
+    """Whether the device plugin time-slices the node's GPUs (feature discovery says so)."""
+    replicas = node.labels.get(GPU_REPLICAS_LABEL, "1")
+    return replicas.isdigit() and int(replicas) > 1
+
+
+def slots_per_gpu(policy: Policy, node: GPUNode) -> int:
+    """The policy's slotsPerGpu, or 1 where the device plugin already counts every replica."""
+    return 1 if time_sliced(node) else policy.spec.slots_per_gpu
+
+
+def node_verdict(
+    policy: Policy, node: GPUNode | None, workers: Sequence[WorkerPod] = ()
+) -> _Verdict | None:
     """What ``policy`` wants for ``node``: (limit name, limit or None, why not readable); None
-    when it gives the node no limit (absent, not selected, or none of its resources). Raises
+    when it gives the node no limit (absent, not selected, or none of its resources). ``workers``
+    are the node's Prefect worker pods (they count with ``capacityFrom: WorkerPods``). Raises
     LimitNameError when the template cannot name the node."""
     if node is None:
         return None
@@ -173,27 +157,34 @@ def node_verdict(policy: Policy, node: GPUNode | None) -> _Verdict | None:
         return name, None, str(error)
     if gpus is None:
         return None
+    if spec.capacity_from == "WorkerPods":
+        selected = (pod for pod in workers if spec.worker_selector.matches(pod.labels))
+        gpus = sum(pod.gpus_of(spec.resources) for pod in selected)
     decay = spec.slot_decay_per_second or 0.0
-    return name, DesiredLimit(name, node.name, gpus * spec.slots_per_gpu, decay), None
+    limit = gpus * slots_per_gpu(policy, node)
+    return name, DesiredLimit(name, node.name, limit, decay), None
 
 
 def _policy_candidates(
     policy: Policy,
     nodes: Iterable[GPUNode],
+    workers: Mapping[str, _Workers],
     cache: VerdictCache | None,
-    kept: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]],
+    kept: dict[tuple[str, str], _Entry],
 ) -> tuple[dict[str, DesiredLimit], dict[str, str]]:
     """The limits ``policy`` wants on its own, and the names it cannot compute (name → reason)."""
     wanted: dict[str, DesiredLimit] = {}
     unknown: dict[str, str] = {}
+    counts_workers = policy.spec.capacity_from == "WorkerPods"
     for node in nodes:
         key = (policy.name, node.name)
+        mine = workers.get(node.name, ()) if counts_workers else ()
         cached = cache.entries.get(key) if cache is not None else None
-        if cached is not None and cached[0] is policy and cached[1] is node:
-            verdict = cached[2]
+        if cached is not None and cached[0] is policy and cached[1] is node and cached[2] == mine:
+            verdict = cached[3]
         else:
-            verdict = node_verdict(policy, node)
-        kept[key] = (policy, node, verdict)
+            verdict = node_verdict(policy, node, mine)
+        kept[key] = (policy, node, mine, verdict)
         if verdict is None:
             continue
         name, limit, reason = verdict
@@ -208,18 +199,19 @@ def desired_limits(
     policies: Iterable[Policy],
     nodes: Iterable[GPUNode],
     cache: VerdictCache | None = None,
+    workers: Mapping[str, _Workers] | None = None,
 ) -> dict[str, PolicyDesired]:
     """Every policy's desired limits (by policy name), with name conflicts resolved by seniority.
 
-    ``cache`` (optional) carries per-node verdicts from the previous call; the result is the same
-    with or without it.
+    ``workers``: each node's Prefect worker pods. ``cache`` (optional) carries per-node verdicts
+    from the previous call; the result is the same with or without it.
     """
     nodes = sorted(nodes, key=lambda node: node.name)
     owner: dict[str, str] = {}  # limit name → the oldest policy that wants it
     result: dict[str, PolicyDesired] = {}
-    kept: dict[tuple[str, str], tuple[Policy, GPUNode, _Verdict | None]] = {}
+    kept: dict[tuple[str, str], _Entry] = {}
     for policy in sorted(policies, key=lambda policy: policy.seniority):
-        wanted, unknown = _policy_candidates(policy, nodes, cache, kept)
+        wanted, unknown = _policy_candidates(policy, nodes, workers or {}, cache, kept)
         mine: dict[str, DesiredLimit] = {}
         conflicts: dict[str, str] = {}
         for name in sorted(wanted.keys() | unknown.keys()):

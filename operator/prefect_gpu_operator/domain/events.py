@@ -15,6 +15,7 @@ __all__ = [
     "no_gpu_limit",
     "prefect_unreachable",
     "status_write_failed",
+    "worker_sees_fewer_gpus",
 ]
 
 
@@ -35,9 +36,12 @@ def limit_created(name: str, limit: int, node: str) -> Event:
     return Event("Normal", "LimitCreated", f"{name}: limit {limit} for node {node}")
 
 
-def limit_updated(name: str, before: int | None, limit: int) -> Event:
+def limit_updated(name: str, before: int | None, limit: int, draining_to: int | None) -> Event:
     was = "?" if before is None else str(before)
-    return Event("Normal", "LimitUpdated", f"{name}: limit {was} -> {limit}")
+    message = f"{name}: limit {was} -> {limit}"
+    if draining_to is not None:
+        message += f", draining to {draining_to} as the {limit} slot(s) held are released"
+    return Event("Normal", "LimitUpdated", message)
 
 
 def limit_deleted(name: str) -> Event:
@@ -68,4 +72,14 @@ def no_gpu_limit(node: str) -> Event:
         f"resource it has, so GPU tasks in this pod (which acquire the limit for "
         f"WORKER_ID={node}) will fail. Schedule the pod on a GPU node a policy selects, or "
         f"widen a policy's nodeSelector/resources.",
+    )
+
+
+def worker_sees_fewer_gpus(detail: str) -> Event:
+    return Event(
+        "Warning",
+        "WorkerSeesFewerGPUs",
+        f"{detail}: flow runs in this pod can hold more slots than it has GPUs. Give the pod "
+        "every GPU its node's limit counts (one worker per GPU node), or set the policy's "
+        "capacityFrom: WorkerPods.",
     )

@@ -5,7 +5,8 @@ is a Downward API reference (``fieldRef: spec.nodeName``) that the kubelet resol
 Which pods reach the webhook is the MutatingWebhookConfiguration's business (its objectSelectors,
 rendered from the chart's ``webhook.podSelectors``): the one place pods are selected. Here only
 the opt-out label and the excluded namespaces are honoured again, and a pod that already has the
-variables is left as it is.
+variables is left as it is. Every pod that ends up with ``WORKER_ID`` is labelled
+``WORKER_LABEL``, so the operator's pod watch can ask the API server for these pods only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "WEBHOOK_ID",
     "WEBHOOK_PATH",
     "WORKER_ID",
+    "WORKER_LABEL",
     "Injection",
     "defines_worker_id",
     "env_names",
@@ -30,6 +32,8 @@ WEBHOOK_ID = "inject-worker-id"
 WEBHOOK_PATH = f"/{WEBHOOK_ID}"
 WORKER_ID = "WORKER_ID"
 OPT_LABEL = "prefectgpu.io/inject-worker-id"
+WORKER_LABEL = "prefectgpu.io/has-worker-id"
+"""Marks a pod whose containers know their node through WORKER_ID (value "true")."""
 # Ephemeral containers are added through a subresource, never on CREATE: nothing to inject there.
 CONTAINER_KINDS = ("initContainers", "containers")
 
@@ -98,7 +102,19 @@ class Injection:
                     {"op": "add", "path": f"{env_path}/{position}", "value": var}
                     for position, var in enumerate(missing)
                 )
+        if ops or defines_worker_id(pod):
+            ops += _label(pod)
         return ops
+
+
+def _label(pod: Mapping[str, Any]) -> JsonPatch:
+    labels = (pod.get("metadata") or {}).get("labels")
+    if labels is None:
+        return [{"op": "add", "path": "/metadata/labels", "value": {WORKER_LABEL: "true"}}]
+    if labels.get(WORKER_LABEL) == "true":
+        return []
+    key = WORKER_LABEL.replace("~", "~0").replace("/", "~1")  # a JSON Pointer token
+    return [{"op": "add", "path": f"/metadata/labels/{key}", "value": "true"}]
 
 
 def _env_var(name: str, field_path: str) -> dict[str, Any]:

@@ -4,7 +4,8 @@ The ledger (``status.limits``) is the set of limits the policy owns. The operato
 and deletes only limits in it; a limit that exists in Prefect under a desired name but is in no
 policy's ledger belongs to a user and is never touched (reported as refused). ``active`` is never
 changed: Prefect miscounts slots when a limit is toggled, so capacity is expressed through ``limit``
-alone.
+alone. A limit is never lowered below the slots held in it (Prefect cannot release a slot into a
+limit of 0): it drains, staying at the holders and following them down to its target.
 
 Crash safety comes from the order the caller applies a plan in:
 1. write ``claim`` to status.limits (the ledger plus every name about to be created or adopted),
@@ -19,14 +20,22 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from prefect_gpu_operator.api.policy import LimitEntry
 from prefect_gpu_operator.domain.desired import DesiredLimit, PolicyDesired
 from prefect_gpu_operator.domain.events import Event, limit_created, limit_deleted, limit_updated
 
-__all__ = ["Change", "ObservedLimit", "Plan", "changes", "newest_observation", "plan_policy"]
+__all__ = [
+    "Change",
+    "ObservedLimit",
+    "Plan",
+    "changes",
+    "drained",
+    "newest_observation",
+    "plan_policy",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class ObservedLimit:
     limit: int
     active: bool = True
     slot_decay_per_second: float = 0.0
+    active_slots: int = 0  # the slots held now
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,11 @@ class Plan:
         """Whether applying the plan writes to Prefect at all."""
         return bool(self.create or self.update or self.delete)
 
+    @property
+    def draining(self) -> tuple[LimitEntry, ...]:
+        """Owned limits kept above their target by the slots held in them."""
+        return tuple(entry for entry in self.ledger if entry.draining_to is not None)
+
 
 def _drifted(observed: ObservedLimit, desired: DesiredLimit) -> bool:
     return observed.limit != desired.limit or not math.isclose(
@@ -74,8 +89,16 @@ def _drifted(observed: ObservedLimit, desired: DesiredLimit) -> bool:
     )
 
 
-def _entry(limit: DesiredLimit) -> LimitEntry:
-    return LimitEntry(name=limit.name, node=limit.node, limit=limit.limit)
+def _entry(limit: DesiredLimit, target: int) -> LimitEntry:
+    draining_to = target if limit.limit != target else None
+    return LimitEntry(name=limit.name, node=limit.node, limit=limit.limit, draining_to=draining_to)
+
+
+def drained(desired: DesiredLimit, observed: ObservedLimit) -> DesiredLimit:
+    """The limit to write now: the target, or the slots held when fewer than those remain (never
+    above what the limit already is). Holders then leave at their own pace and the limit follows."""
+    held = min(observed.active_slots, observed.limit)
+    return replace(desired, limit=held) if desired.limit < held else desired
 
 
 def _sorted(entries: Iterable[LimitEntry]) -> tuple[LimitEntry, ...]:
@@ -111,15 +134,16 @@ def plan_policy(
             # Missing, whether never created or deleted behind our back: (re)create it. Even if
             # another policy still lists it, it no longer exists to be handed over.
             create.append(limit)
+            kept[name] = _entry(limit, limit.limit)
         elif name in owned or name in others:
             if name not in owned:
                 adopt.append(name)  # a younger policy held it; it releases once it sees ours
-            if _drifted(current, limit):
-                update.append(limit)
+            write = drained(limit, current)
+            if _drifted(current, write):
+                update.append(write)
+            kept[name] = _entry(write, limit.limit)
         else:
             refused.append(name)  # a user's limit: never adopt, change or delete it
-            continue
-        kept[name] = _entry(limit)
 
     delete: list[str] = []
     release: list[str] = []
@@ -171,9 +195,11 @@ def changes(plan: Plan, observed: Mapping[str, ObservedLimit]) -> list[Change]:
         Change("create", limit.name, limit, limit_created(limit.name, limit.limit, limit.node))
         for limit in plan.create
     ]
+    draining = {entry.name: entry.draining_to for entry in plan.ledger}
     for limit in plan.update:
         before = observed.get(limit.name)
-        event = limit_updated(limit.name, before.limit if before else None, limit.limit)
+        was = before.limit if before else None
+        event = limit_updated(limit.name, was, limit.limit, draining.get(limit.name))
         made.append(Change("update", limit.name, limit, event))
     made += [Change("delete", name, None, limit_deleted(name)) for name in plan.delete]
     return made

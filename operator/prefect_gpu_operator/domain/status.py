@@ -30,6 +30,8 @@ class Outcome:
     prefect_error: str | None = None
     spec_error: str | None = None
     workers: frozenset[str] = frozenset()  # nodes running Prefect pods (WORKER_ID)
+    time_sliced: tuple[str, ...] = ()  # selected nodes where slotsPerGpu is not applied
+    short_workers: tuple[str, ...] = ()  # worker pods that see fewer GPUs than their limit
 
 
 def condition(
@@ -55,6 +57,9 @@ def condition(
     )
 
 
+_MATCHED = "every Prefect worker pod that requests GPUs sees as many as its node's limit counts"
+
+
 def _conflict_message(plan: Plan) -> str:
     parts = []
     if plan.conflicts:
@@ -65,6 +70,22 @@ def _conflict_message(plan: Plan) -> str:
             "limits that already exist in Prefect and are not managed by this policy, left "
             f"untouched: {', '.join(plan.refused)}; delete them in Prefect to let the policy "
             "manage them"
+        )
+    return "; ".join(parts)
+
+
+def _sync_message(plan: Plan, time_sliced: Sequence[str]) -> str:
+    slots = sum(entry.limit for entry in plan.ledger)
+    parts = [f"{len(plan.ledger)} limits with {slots} slots in sync"]
+    if draining := plan.draining:
+        targets = ", ".join(f"{e.name} {e.limit} -> {e.draining_to}" for e in draining[:5])
+        more = f" and {len(draining) - 5} more" if len(draining) > 5 else ""
+        parts.append(f"{len(draining)} draining as held slots are released ({targets}{more})")
+    if time_sliced:
+        names = ", ".join(time_sliced[:5]) + (" ..." if len(time_sliced) > 5 else "")
+        parts.append(
+            f"slotsPerGpu not applied on time-sliced nodes ({names}): the device plugin "
+            "already counts every replica"
         )
     return "; ".join(parts)
 
@@ -83,8 +104,9 @@ def with_ledger(
 def build_status(
     outcome: Outcome, previous: GPULimitPolicyStatus, now: str
 ) -> GPULimitPolicyStatus:
-    """The status to write: ledger, counts, workers and the Ready, PrefectReachable and Conflict
-    conditions. What this reconciliation did not learn (no plan yet) keeps its previous value."""
+    """The status to write: ledger, counts, workers and the Ready, PrefectReachable, Conflict and
+    WorkersMatchLimits conditions. What this reconciliation did not learn (no plan yet) keeps its
+    previous value."""
     old = previous.conditions
     generation = outcome.generation
 
@@ -110,10 +132,16 @@ def build_status(
         conflict = make(
             "Conflict", bool(message), "LimitNameTaken" if message else "NoConflict", message
         )
-        slots = sum(entry.limit for entry in plan.ledger)
-        ready = make(
-            "Ready", True, "LimitsInSync", f"{len(plan.ledger)} limits with {slots} slots in sync"
+        ready = make("Ready", True, "LimitsInSync", _sync_message(plan, outcome.time_sliced))
+    matched = make("WorkersMatchLimits", True, "WorkersSeeTheirGPUs", _MATCHED)
+    if outcome.plan is None:
+        matched = _kept("WorkersMatchLimits", old, matched)
+    elif outcome.short_workers:
+        shown = "; ".join(outcome.short_workers[:5])
+        more = (
+            f"; and {len(outcome.short_workers) - 5} more" if len(outcome.short_workers) > 5 else ""
         )
+        matched = make("WorkersMatchLimits", False, "WorkerSeesFewerGPUs", shown + more)
     ledger = previous.limits
     if outcome.plan is not None:
         ledger = outcome.plan.ledger if outcome.prefect_error is None else outcome.plan.claim
@@ -125,7 +153,7 @@ def build_status(
     return previous.model_copy(
         update={
             "observed_generation": generation,
-            "conditions": (ready, reachable, conflict),
+            "conditions": (ready, reachable, conflict, matched),
             "limits": ledger,
             "workers": worker_entries(outcome.workers, ledger),
             **counts,

@@ -23,7 +23,7 @@ from prefect_gpu_operator.adapters.kube import api_client
 from prefect_gpu_operator.adapters.webhook_tls import ensure_webhook_tls
 from prefect_gpu_operator.domain.injection import WEBHOOK_ID, Injection
 from prefect_gpu_operator.metrics import ADMISSION_SECONDS, ADMISSIONS
-from prefect_gpu_operator.settings import OperatorSettings
+from prefect_gpu_operator.settings import OperatorSettings, current_settings
 
 __all__ = ["configure_webhook", "inject_worker_id"]
 
@@ -40,7 +40,7 @@ async def _no_server(_: Any) -> AsyncIterator[Any]:
 # Retried until it succeeds: an API server that is not reachable yet is no reason to crash.
 @kopf.on.startup(errors=kopf.ErrorsMode.TEMPORARY, backoff=5)
 async def configure_webhook(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    config = OperatorSettings()
+    config = current_settings()
     memo.injection = Injection(
         excluded_namespaces=frozenset([*config.inject_excluded_namespaces, config.namespace]),
         extra_env=tuple(config.inject_extra_env.items()),

@@ -19,10 +19,14 @@ from prometheus_client import start_http_server
 from prefect_gpu_operator.adapters.kube import Kube
 from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
 from prefect_gpu_operator.domain.events import Event
+from prefect_gpu_operator.domain.injection import WORKER_LABEL
 from prefect_gpu_operator.runtime.controller import Controller
-from prefect_gpu_operator.settings import OperatorSettings
+from prefect_gpu_operator.settings import current_settings
 
 POLICIES = (GROUP, VERSION, PLURAL)
+PODS = ("", "v1", "pods")
+LIST_PAGE = 500
+"""Objects per page when kopf lists what it watches: bounded memory on large clusters."""
 log = logging.getLogger(__name__)
 
 
@@ -33,13 +37,16 @@ def _controller(memo: Any) -> Controller:
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    config = OperatorSettings()
+    config = current_settings()
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING  # our own events are posted explicitly
     settings.batching.batch_window = 0.01  # react to a node change in milliseconds, not 100 ms
     settings.watching.server_timeout = 300
+    settings.watching.chunk_size = LIST_PAGE
+    # The API server sends only the pods the webhook labelled, not every pod of the cluster.
+    settings.watching.label_selectors[PODS] = f"{WORKER_LABEL}=true"
     settings.peering.lifetime = config.peering_lifetime_seconds
     settings.peering.priority = (
         config.peering_priority
@@ -71,11 +78,14 @@ async def policies_seen(body: kopf.Body, memo: Any, **_: Any) -> None:
     _controller(memo).observe_policy(body)
 
 
-@kopf.on.event("", "v1", "pods")
 async def pod_changed(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     warning = _controller(memo).observe_pod(body, deleted=type == "DELETED")
     if warning is not None:
         _post(body, [warning])
+
+
+if current_settings().watch_worker_pods:  # off: no pod is watched, and none need be readable
+    kopf.on.event(*PODS)(pod_changed)
 
 
 @kopf.on.event(*POLICIES)
@@ -104,7 +114,7 @@ async def reconcile_policy(
         _post(body, events)
         failures = failures + 1 if any(e.reason == "PrefectUnreachable" for e in events) else 0
         try:
-            await asyncio.wait_for(record.wake.wait(), timeout=controller.retry_delay(failures))
+            await asyncio.wait_for(record.wake.wait(), timeout=controller.next_wait(name, failures))
             full = failures > 0
         except TimeoutError:
             full = True

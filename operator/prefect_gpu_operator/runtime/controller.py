@@ -1,42 +1,30 @@
-"""The reconcile of one policy, and the live picture of nodes, policies and Prefect pods it uses.
+"""The reconcile of one policy.
 
-Nodes, policies and pods arrive through kopf's watches (``observe_*``); each policy's daemon calls
-``reconcile`` whenever something relevant changed and every ``resync_seconds``. A reconcile is
-level-triggered: desired state from every policy and node (pure), Prefect's limits (the
-``PrefectView``), then the plan (pure) applied in crash-safe order: new names are written to the
-ledger before they are created in Prefect, so a crash at any point leaves nothing unowned.
+Nodes, policies and pods arrive through kopf's watches into the ``ClusterView``; each policy's
+daemon calls ``reconcile`` whenever something relevant changed and every ``resync_seconds``. A
+reconcile is level-triggered: desired state from every policy and node (pure), Prefect's limits
+(the ``PrefectView``), then the plan (pure) applied in crash-safe order: new names are written to
+the ledger before they are created in Prefect, so a crash at any point leaves nothing unowned.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import random
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import ValidationError
-
 from prefect_gpu_operator.adapters.kube import SecretNotFound
 from prefect_gpu_operator.adapters.prefect_limits import PrefectLimits, PrefectUnreachable
 from prefect_gpu_operator.api.limit_names import LimitNameError
-from prefect_gpu_operator.api.policy import GPULimitPolicySpec, GPULimitPolicyStatus
 from prefect_gpu_operator.domain import events
-from prefect_gpu_operator.domain.desired import (
-    GPUNode,
-    Policy,
-    PolicyDesired,
-    VerdictCache,
-    desired_limits,
-    node_verdict,
-)
+from prefect_gpu_operator.domain.desired import GPUNode, PolicyDesired
 from prefect_gpu_operator.domain.events import Event
-from prefect_gpu_operator.domain.plan import Change, changes, plan_policy
+from prefect_gpu_operator.domain.plan import Change, ObservedLimit, changes, plan_policy
 from prefect_gpu_operator.domain.status import Outcome
-from prefect_gpu_operator.domain.worker_pods import WorkerPods
 from prefect_gpu_operator.metrics import RECONCILE_SECONDS, RECONCILES
-from prefect_gpu_operator.runtime.nodes import NodeChange, NodeView
+from prefect_gpu_operator.runtime.cluster_view import ClusterView
 from prefect_gpu_operator.runtime.ports import ConnectPrefect, KubeApi, LimitsApi
 from prefect_gpu_operator.runtime.prefect_view import Listing, PrefectView
 from prefect_gpu_operator.runtime.records import PolicyRecord
@@ -46,127 +34,71 @@ from prefect_gpu_operator.settings import OperatorSettings
 __all__ = ["Controller"]
 
 
-def _parse_time(value: str | None) -> datetime.datetime:
-    if not value:
-        return datetime.datetime.max.replace(tzinfo=datetime.UTC)
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _stored_status(body: Mapping[str, Any]) -> GPULimitPolicyStatus:
-    try:
-        return GPULimitPolicyStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        return GPULimitPolicyStatus()  # edited by hand beyond repair: rebuilt by the reconcile
+def _lowered(
+    desired: PolicyDesired, observed: Mapping[str, ObservedLimit], record: PolicyRecord
+) -> list[str]:
+    """Owned limits whose target is below what Prefect had: about to be lowered, or draining."""
+    lowered = {
+        name
+        for name, limit in desired.limits.items()
+        if name in observed and limit.limit < observed[name].limit
+    }
+    lowered |= {entry.name for entry in record.ledger if entry.draining_to is not None}
+    return sorted(lowered & {entry.name for entry in record.ledger})
 
 
 class Controller:
-    """Nodes, policies and Prefect pods as last seen, and the reconcile of one policy."""
+    """What the watches saw (``view``), Prefect (``prefect``), status writes (``status``), and
+    the reconcile of one policy that joins them."""
 
     def __init__(
         self, settings: OperatorSettings, kube: KubeApi, connect: ConnectPrefect = PrefectLimits
     ) -> None:
         self.settings = settings
         self.kube = kube
-        self.node_view = NodeView(kube)
-        self.policies: dict[str, PolicyRecord] = {}
-        self.workers = WorkerPods()
+        self.view = ClusterView(kube)
         self.prefect = PrefectView(
             kube, settings.namespace, connect, timeout=settings.prefect_timeout_seconds
         )
-        self.status = StatusWriter(kube, settings.status_interval_seconds, self.workers.nodes)
-        self._verdicts = VerdictCache()
+        self.status = StatusWriter(kube, settings.status_interval_seconds, self.view.workers.nodes)
 
-    # --- what the watches tell us ------------------------------------------------------------
+    @property
+    def policies(self) -> dict[str, PolicyRecord]:
+        return self.view.policies
 
     @property
     def nodes(self) -> Mapping[str, GPUNode]:
-        return self.node_view.nodes
+        return self.view.nodes.nodes
 
     def seed_nodes(self, nodes: Iterable[GPUNode]) -> None:
         """The node view at start-up, before any policy reconciles: a restart must never see
         "no nodes" and delete limits that are still needed."""
-        self.node_view.seed(nodes)
+        self.view.seed(nodes)
 
     def observe_node(self, body: Mapping[str, Any], deleted: bool = False) -> list[str]:
-        """Record a node; the policies woken because what they want of it changed."""
-        change = self.node_view.observe(body, deleted)
-        return self._wake_for(change) if change is not None else []
-
-    def _wake_for(self, change: NodeChange) -> list[str]:
-        """Wake the policies whose verdict on the node changed: label churn that changes no
-        selector verdict and no GPU count (a feature-discovery timestamp) wakes nobody."""
-        before, after = change
-        woken = []
-        for name, record in self.policies.items():
-            if record.policy is None:
-                continue
-            try:
-                changed = node_verdict(record.policy, before) != node_verdict(record.policy, after)
-            except LimitNameError:
-                changed = True  # its reconcile reports the template
-            if changed:
-                record.wake.set()
-                woken.append(name)
-        return woken
+        return self.view.observe_node(body, deleted)
 
     def observe_policy(self, body: Mapping[str, Any]) -> PolicyRecord:
-        """Record a policy's spec; wake every policy when a spec appears or changes."""
-        metadata = body["metadata"]
-        name = metadata["name"]
-        generation = int(metadata.get("generation") or 1)
-        policy: Policy | None = None
-        spec_error: str | None = None
-        try:
-            spec = GPULimitPolicySpec.model_validate(body.get("spec") or {})
-            policy = Policy(name, spec, _parse_time(metadata.get("creationTimestamp")), generation)
-        except ValidationError as error:
-            spec_error = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-            )
-        record = self.policies.get(name)
-        if record is None:
-            status = _stored_status(body)
-            record = PolicyRecord(policy, spec_error, status.limits, status)
-            self.policies[name] = record
-            self.wake_all()
-        elif record.policy != policy or record.spec_error != spec_error:
-            record.policy, record.spec_error = policy, spec_error
-            self.wake_all()
-        return record
+        return self.view.observe_policy(body)
 
     def observe_pod(self, body: Mapping[str, Any], deleted: bool = False) -> Event | None:
-        """Record a Prefect pod; a warning for it when it first lands on a node without a
-        limit. Policies' ``workers`` status follows the set of nodes running Prefect pods."""
-        if self.workers.observe(body, deleted):
-            self.wake_all()
-        node = None if deleted else self.workers.first_sighting(body)
-        if node is None or self.node_has_limit(node):
-            return None
-        return events.no_gpu_limit(node)
-
-    def node_has_limit(self, node: str) -> bool:
-        try:
-            desired = desired_limits(self._policies(), self.nodes.values(), self._verdicts)
-        except LimitNameError:
-            return False  # such a policy creates no limit at all
-        return any(limit.node == node for d in desired.values() for limit in d.limits.values())
+        return self.view.observe_pod(body, deleted)
 
     def forget_policy(self, name: str) -> None:
-        if (record := self.policies.pop(name, None)) is not None:
+        if (record := self.view.forget_policy(name)) is not None:
             remove_metrics(name, record)
-            self.wake_all()  # a younger policy may now own what this one held
 
-    def wake_all(self) -> None:
-        for record in self.policies.values():
-            record.wake.set()
-
-    def retry_delay(self, failures: int) -> float:
-        """Seconds before the next attempt: the resync interval, or an exponential backoff while
-        Prefect fails, jittered so several policies do not retry in lockstep."""
-        if not failures:
-            return self.settings.resync_seconds
-        delay: float = min(self.settings.retry_max_seconds, 0.5 * 2**failures)
-        return delay * random.uniform(0.8, 1.2)
+    def next_wait(self, name: str, failures: int) -> float:
+        """Seconds until the policy's next reconcile without a wake-up: the resync interval, a
+        short poll while a limit drains, or an exponential backoff while Prefect fails, jittered
+        so several policies do not retry in lockstep."""
+        if failures:
+            delay: float = min(self.settings.retry_max_seconds, 0.5 * 2**failures)
+            return delay * random.uniform(0.8, 1.2)
+        record = self.policies.get(name)
+        if record is not None and any(entry.draining_to is not None for entry in record.ledger):
+            return min(self.settings.resync_seconds, self.settings.drain_poll_seconds)
+        return self.settings.resync_seconds
 
     async def close(self) -> None:
         await self.status.flush_all(self.policies)
@@ -175,36 +107,22 @@ class Controller:
 
     # --- reconcile -----------------------------------------------------------------------------
 
-    def _policies(self) -> list[Policy]:
-        return [r.policy for r in self.policies.values() if r.policy is not None]
-
-    def _desired(self, name: str) -> PolicyDesired:
-        desired = desired_limits(self._policies(), self.nodes.values(), self._verdicts)
-        return desired.get(name, PolicyDesired())
-
-    def _other_ledgers(self, name: str) -> dict[str, str]:
-        return {
-            entry.name: other
-            for other, record in self.policies.items()
-            if other != name
-            for entry in record.ledger
-        }
-
     async def reconcile(self, name: str, *, full: bool, deleting: bool = False) -> list[Event]:
         """Bring one policy's limits to the desired state; return the events to post.
 
-        ``full`` re-reads Prefect's limits (drift repair); otherwise the cache of the last read and
-        of the operator's own writes is trusted, so a node change costs only the write it needs.
-        Raises nothing for Prefect trouble: that is reported in status and events.
+        ``full`` re-reads the nodes and Prefect's limits (drift repair); otherwise the caches of
+        the last reads and of the operator's own writes are trusted, so a node change costs only
+        the write it needs. Raises nothing for Prefect trouble: that is reported in status and
+        events.
         """
         record = self.policies.get(name)
         if record is None:
             return []
         started = time.perf_counter()
         trigger = "full" if full else "change"
-        if full:  # a resync re-lists the nodes (one listing serves every policy's resync)
-            for change in await self.node_view.refresh(self.settings.resync_seconds / 2):
-                self._wake_for(change)
+        if full:  # a resync lists the nodes again (one listing serves every policy's resync)
+            for change in await self.view.nodes.refresh(self.settings.resync_seconds / 2):
+                self.view.wake_for(change)
         async with contextlib.AsyncExitStack() as stack:
             listed = None
             if full and not deleting and record.policy is not None:
@@ -232,22 +150,30 @@ class Controller:
         if deleting and not record.ledger:
             return []  # owns nothing: no need to reach Prefect (or its Secret) to let it go
         spec = policy.spec
+        if spec.capacity_from == "WorkerPods" and not self.settings.watch_worker_pods:
+            error = "capacityFrom WorkerPods needs the operator's pod watch (watch_worker_pods)"
+            self.status.write(name, record, Outcome(generation, spec_error=error))
+            return [events.invalid_spec(error)]
         done: list[Event] = []
         plan = None
         try:
             server = await self.prefect.server(spec.server, full=full)
             observed = await self.prefect.observed(server, full=full, listed=listed)
             try:
-                desired = PolicyDesired() if deleting else self._desired(name)
+                desired = PolicyDesired() if deleting else self.view.desired_for(name)
             except LimitNameError as error:
                 self.status.write(name, record, Outcome(generation, spec_error=str(error)))
                 return [events.invalid_limit_name(str(error))]
+            if not full:
+                # Lowering a limit needs how many slots it holds now, not at the last listing:
+                # it must not drop below them (a draining limit follows them down).
+                await self.prefect.reread(server, _lowered(desired, observed, record))
             plan = plan_policy(
                 desired,
                 record.ledger,
                 observed,
                 deletion_policy=spec.deletion_policy,
-                other_ledgers=self._other_ledgers(name),
+                other_ledgers=self.view.other_ledgers(name),
             )
             writes = changes(plan, observed)
             new_names = {e.name for e in plan.claim} - {e.name for e in record.ledger}
@@ -265,7 +191,13 @@ class Controller:
             self.status.write(name, record, Outcome(generation, plan, prefect_error=message))
             return [*done, events.prefect_unreachable(message)]
         export_metrics(name, record, plan.ledger)
-        self.status.write(name, record, Outcome(generation, plan))
+        outcome = Outcome(
+            generation,
+            plan,
+            time_sliced=self.view.time_sliced(policy, desired),
+            short_workers=self.view.short_workers(policy, desired),
+        )
+        self.status.write(name, record, outcome)
         return done
 
     async def _apply(self, server: LimitsApi, writes: list[Change], done: list[Event]) -> None:

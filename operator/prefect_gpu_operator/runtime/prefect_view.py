@@ -10,7 +10,7 @@ flight keep their newer cached value (``newest_observation``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound
@@ -98,6 +98,15 @@ class PrefectView:
             return Listing(url, {}, written, error)
         return Listing(url, limits, written)
 
+    async def reread(self, server: LimitsApi, names: Iterable[str]) -> None:
+        """Read these limits again (how many slots they hold now) into the cache."""
+        observed = self._observed.setdefault(server.api_url, {})
+        for name in names:
+            if (limit := await server.read(name)) is None:
+                observed.pop(name, None)
+            else:
+                observed[name] = limit
+
     def record(self, server: LimitsApi, change: Change) -> None:
         """Keep the cache in step with a write the operator just made."""
         observed = self._observed.setdefault(server.api_url, {})
@@ -110,6 +119,7 @@ class PrefectView:
                 change.limit.limit,
                 before.active if before else True,
                 change.limit.slot_decay_per_second,
+                before.active_slots if before else 0,
             )
         for written in self._listing_watchers.get(server.api_url, ()):
             written.add(change.name)

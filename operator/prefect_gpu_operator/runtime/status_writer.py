@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 from collections.abc import Callable, Iterable
@@ -68,13 +69,7 @@ class StatusWriter:
 
     def write(self, name: str, record: PolicyRecord, outcome: Outcome) -> None:
         """Stage the status for ``outcome``; it goes out within the coalescing window."""
-        outcome = Outcome(
-            outcome.generation,
-            outcome.plan,
-            outcome.prefect_error,
-            outcome.spec_error,
-            workers=self._workers(),
-        )
+        outcome = dataclasses.replace(outcome, workers=self._workers())
         staged = self._stage(record, build_status(outcome, self._base(record), _now()))
         if staged and (record.flusher is None or record.flusher.done()):
             record.flusher = asyncio.create_task(self._flush_soon(name, record))
