@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory")
         command.set_defaults(handler=handler)
     commands.add_parser(
-        "install-tools", help="build etcd, kube-apiserver, kubectl and helm (cached by version)"
+        "install-tools",
+        help="build etcd, kube-apiserver, kubectl, helm, kubeconform, helm-docs and actionlint "
+        "(cached by version)",
     ).set_defaults(handler=_install_tools)
 
     from prefect_gpu_sandbox.demo.run import add_demo_command  # imported late: it loads Prefect

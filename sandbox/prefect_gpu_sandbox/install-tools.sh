@@ -2,13 +2,17 @@
 # Build the local control plane's binaries from package registries only:
 # kube-apiserver and kubectl from the Go module proxy (k8s.io/kubernetes through a wrapper
 # module that pins each staging module to its published v0.X.Y), etcd (Debian's 3.4 is too old
-# for current kube-apiserver) and helm. Binaries are cached by version outside any checkout,
-# so a second run only checks that they are there.
+# for current kube-apiserver) and helm; and the chart's checkers: kubeconform, helm-docs and
+# actionlint. Binaries are cached by version outside any checkout, so a second run only checks
+# that they are there.
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.37.1}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.14}
 HELM_VERSION=${HELM_VERSION:-v3.21.4}
+KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.8.0}
+HELM_DOCS_VERSION=${HELM_DOCS_VERSION:-v1.14.2}
+ACTIONLINT_VERSION=${ACTIONLINT_VERSION:-v1.7.12}
 CACHE=${PREFECT_GPU_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-gpu-operator}
 BIN=${PREFECT_GPU_OPERATOR_TOOLS_BIN:-$CACHE/tools/$K8S_VERSION/bin}
 
@@ -72,5 +76,24 @@ else
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   mv "$work/out/helm" "$BIN/"
 fi
+
+# go_tool NAME PACKAGE VERSION [LDFLAGS]: `go install` one command, rebuilt when VERSION changes.
+go_tool() {
+  local name=$1 package=$2 version=$3 ldflags=${4:-}
+  if [ -x "$BIN/$name" ] && [ "$(cat "$BIN/.$name.version" 2>/dev/null)" = "$version" ]; then
+    log "$name $version cached"
+    return
+  fi
+  log "building $name $version"
+  GOBIN="$work/out" go install -trimpath -ldflags "-s -w $ldflags" "$package@$version"
+  mv "$work/out/$name" "$BIN/"
+  echo "$version" > "$BIN/.$name.version"
+}
+# Their release builds stamp the version these -X flags set (`kubeconform -v`, helm-docs' footer).
+go_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION" \
+  "-X main.version=$KUBECONFORM_VERSION"
+go_tool helm-docs github.com/norwoodj/helm-docs/cmd/helm-docs "$HELM_DOCS_VERSION" \
+  "-X main.version=${HELM_DOCS_VERSION#v}"
+go_tool actionlint github.com/rhysd/actionlint/cmd/actionlint "$ACTIONLINT_VERSION"
 
 echo "$BIN"
