@@ -28,7 +28,9 @@ generate: install
 	$(BIN)/prefect-gpu-operator crd > charts/prefect-gpu-operator/crds/gpulimitpolicies.prefectgpu.io.yaml
 	{ echo '# Generated from operator/prefect_gpu_operator/api/limit_names.py by `make generate`: do not edit.'; \
 	  echo; cat operator/prefect_gpu_operator/api/limit_names.py; } > flows/prefect_gpu_flows/_limit_names.py
-	HELM=$$($(BIN)/prefect-gpu-sandbox install-tools)/helm bash charts/render-manifests.sh manifests
+	tools=$$($(BIN)/prefect-gpu-sandbox install-tools) && \
+	  HELM=$$tools/helm bash charts/render-manifests.sh manifests && \
+	  HELM_DOCS=$$tools/helm-docs bash charts/render-readme.sh
 
 unit: install
 	$(PY) -m pytest tests/unit
