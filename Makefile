@@ -6,7 +6,7 @@ VENV  ?= $(CACHE)/venvs/$(shell pwd | sha1sum | cut -c1-12)
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 
-.PHONY: demo test lint unit integration install tools generate
+.PHONY: demo test lint unit chart integration install tools generate
 
 # The operator (this directory), the flows and the sandbox, each its own distribution.
 install:
@@ -34,6 +34,10 @@ generate: install
 
 unit: install
 	$(PY) -m pytest tests/unit
+
+# The chart as helm renders it and kubeconform judges it: no control plane.
+chart: tools
+	$(PY) -m pytest tests/chart
 
 integration: tools
 	$(PY) -m pytest tests/integration

@@ -44,6 +44,7 @@ def render_chart(
     *,
     release: str = "prefect-gpu-operator",
     show_only: str | None = None,
+    include_crds: bool = False,
 ) -> list[dict[str, Any]]:
     """``helm template`` of the chart with ``values``: its documents, as dicts."""
     with tempfile.TemporaryDirectory(prefix="values-") as directory:
@@ -55,6 +56,8 @@ def render_chart(
         ]  # fmt: skip
         if show_only:
             args += ["--show-only", show_only]
+        if include_crds:
+            args.append("--include-crds")
         rendered = helm(*args)
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
