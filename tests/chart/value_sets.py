@@ -1,7 +1,7 @@
 """The value sets the chart is rendered with and kubeconform validates: the defaults, every
 documented switch flipped, and each way the README and the scripts install it.
 
-A new value that changes what the chart renders adds its set here; `test_value_sets.py` fails
+A new value that changes what the chart renders adds its set here; test_kubeconform.py fails
 when a boolean of values.yaml or a TLS source is flipped by no set.
 """
 
