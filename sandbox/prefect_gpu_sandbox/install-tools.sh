@@ -25,7 +25,10 @@ if ! command -v go >/dev/null; then
     [ -x "$candidate/go" ] && export PATH="$candidate:$PATH"
   done
 fi
-command -v go >/dev/null || { log "Go is required (https://go.dev/dl or apt-get install golang)"; exit 1; }
+# Only a build needs Go: a run that finds everything cached works without it.
+need_go() {
+  command -v go >/dev/null || { log "Go is required (https://go.dev/dl or apt-get install golang)"; exit 1; }
+}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -34,6 +37,7 @@ if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ]; then
   log "kube-apiserver and kubectl $K8S_VERSION cached in $BIN"
 else
   log "building kube-apiserver and kubectl $K8S_VERSION (first run: tens of minutes)"
+  need_go
   staging=v0.${K8S_VERSION#v1.}
   minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   mkdir "$work/k8s" && cd "$work/k8s"
@@ -60,6 +64,7 @@ if [ -x "$BIN/etcd" ]; then
   log "etcd $ETCD_VERSION cached"
 else
   log "building etcd $ETCD_VERSION"
+  need_go
   mkdir "$work/etcd" && cd "$work/etcd"
   go mod init local/etcd-tools >/dev/null 2>&1
   go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
@@ -71,6 +76,7 @@ if [ -x "$BIN/helm" ]; then
   log "helm $HELM_VERSION cached"
 else
   log "building helm $HELM_VERSION"
+  need_go
   GOBIN="$work/out" go install -trimpath \
     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
@@ -85,6 +91,7 @@ go_tool() {
     return
   fi
   log "building $name $version"
+  need_go
   GOBIN="$work/out" go install -trimpath -ldflags "-s -w $ldflags" "$package@$version"
   mv "$work/out/$name" "$BIN/"
   echo "$version" > "$BIN/.$name.version"

@@ -36,9 +36,9 @@ def missing_tools(needed: tuple[str, ...] = TOOLS) -> list[str]:
 
 
 def ensure_tools(needed: tuple[str, ...] = TOOLS, *, install: bool = False) -> Path:
-    """Return the tools directory; build what is missing when ``install`` is set."""
-    missing = missing_tools(needed)
-    if missing and install:
+    """Return the tools directory; with ``install``, first build what is missing or of another
+    version (the script checks versions; when all is cached it takes milliseconds)."""
+    if install:
         env = {
             **os.environ,
             "K8S_VERSION": K8S_VERSION,
@@ -47,7 +47,7 @@ def ensure_tools(needed: tuple[str, ...] = TOOLS, *, install: bool = False) -> P
         # The script prints the bin directory on stdout and its progress on stderr.
         script = ["bash", str(_INSTALL_SCRIPT)]
         subprocess.run(script, check=True, env=env, stdout=subprocess.DEVNULL)
-        missing = missing_tools(needed)
+    missing = missing_tools(needed)
     if missing:
         raise ToolsMissingError(
             f"missing {', '.join(missing)} in {tools_bin()}: run "
