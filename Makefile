@@ -6,7 +6,7 @@ VENV  ?= $(CACHE)/venvs/$(shell pwd | sha1sum | cut -c1-12)
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 
-.PHONY: demo test lint unit integration install tools generate
+.PHONY: demo test lint unit chart integration install tools generate
 
 # The operator (this directory), the flows and the sandbox, each its own distribution.
 install:
@@ -28,10 +28,16 @@ generate: install
 	$(BIN)/prefect-gpu-operator crd > charts/prefect-gpu-operator/crds/gpulimitpolicies.prefectgpu.io.yaml
 	{ echo '# Generated from operator/prefect_gpu_operator/api/limit_names.py by `make generate`: do not edit.'; \
 	  echo; cat operator/prefect_gpu_operator/api/limit_names.py; } > flows/prefect_gpu_flows/_limit_names.py
-	HELM=$$($(BIN)/prefect-gpu-sandbox install-tools)/helm bash charts/render-manifests.sh manifests
+	tools=$$($(BIN)/prefect-gpu-sandbox install-tools) && \
+	  HELM=$$tools/helm bash charts/render-manifests.sh manifests && \
+	  HELM_DOCS=$$tools/helm-docs bash charts/render-readme.sh
 
 unit: install
 	$(PY) -m pytest tests/unit
+
+# The chart as helm renders it and kubeconform judges it: no control plane.
+chart: tools
+	$(PY) -m pytest tests/chart
 
 integration: tools
 	$(PY) -m pytest tests/integration

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gpu_sandbox.controlplane import ControlPlane
+from prefect_gpu_sandbox.kubeschemas import ensure_schemas
 from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.processes import process_alive, stop_process_group
 from prefect_gpu_sandbox.tools import ensure_tools
@@ -105,7 +106,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _install_tools(_: argparse.Namespace) -> int:
-    print(ensure_tools(install=True))
+    bin_dir = ensure_tools(install=True)
+    ensure_schemas(install=True)
+    print(bin_dir)  # alone on stdout: `$(prefect-gpu-sandbox install-tools)/helm`
     return 0
 
 
@@ -127,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory")
         command.set_defaults(handler=handler)
     commands.add_parser(
-        "install-tools", help="build etcd, kube-apiserver, kubectl and helm (cached by version)"
+        "install-tools",
+        help="build etcd, kube-apiserver, kubectl, helm, kubeconform, helm-docs and actionlint, "
+        "and make kubeconform's schemas (cached by version)",
     ).set_defaults(handler=_install_tools)
 
     from prefect_gpu_sandbox.demo.run import add_demo_command  # imported late: it loads Prefect

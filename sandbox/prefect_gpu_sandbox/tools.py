@@ -1,4 +1,4 @@
-"""Where the control plane's binaries live, and how they get there."""
+"""Where the control plane's binaries and the chart's checkers live, and how they get there."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 __all__ = ["K8S_VERSION", "TOOLS", "ToolsMissingError", "ensure_tools", "tools_bin"]
 
 K8S_VERSION = "v1.37.1"
-TOOLS = ("etcd", "kube-apiserver", "kubectl", "helm")
+TOOLS = ("etcd", "kube-apiserver", "kubectl", "helm", "kubeconform", "helm-docs", "actionlint")
 _INSTALL_SCRIPT = Path(__file__).with_name("install-tools.sh")
 
 
 class ToolsMissingError(RuntimeError):
-    """The control-plane binaries are not installed."""
+    """Binaries (or schemas) that `install-tools` makes are not installed."""
 
 
 def cache_dir() -> Path:
@@ -25,7 +25,7 @@ def cache_dir() -> Path:
 
 
 def tools_bin() -> Path:
-    """The directory holding etcd, kube-apiserver, kubectl and helm for ``K8S_VERSION``."""
+    """The directory holding ``TOOLS`` for ``K8S_VERSION``."""
     if override := os.environ.get("PREFECT_GPU_OPERATOR_TOOLS_BIN"):
         return Path(override)
     return cache_dir() / "tools" / K8S_VERSION / "bin"
@@ -36,9 +36,9 @@ def missing_tools(needed: tuple[str, ...] = TOOLS) -> list[str]:
 
 
 def ensure_tools(needed: tuple[str, ...] = TOOLS, *, install: bool = False) -> Path:
-    """Return the tools directory; build what is missing when ``install`` is set."""
-    missing = missing_tools(needed)
-    if missing and install:
+    """Return the tools directory; with ``install``, first build what is missing or of another
+    version (the script checks versions; when all is cached it takes milliseconds)."""
+    if install:
         env = {
             **os.environ,
             "K8S_VERSION": K8S_VERSION,
@@ -47,7 +47,7 @@ def ensure_tools(needed: tuple[str, ...] = TOOLS, *, install: bool = False) -> P
         # The script prints the bin directory on stdout and its progress on stderr.
         script = ["bash", str(_INSTALL_SCRIPT)]
         subprocess.run(script, check=True, env=env, stdout=subprocess.DEVNULL)
-        missing = missing_tools(needed)
+    missing = missing_tools(needed)
     if missing:
         raise ToolsMissingError(
             f"missing {', '.join(missing)} in {tools_bin()}: run "

@@ -11,46 +11,19 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_operator.adapters.pki import CertificateAuthority
 from prefect_gpu_operator.domain.injection import WEBHOOK_PATH
-from prefect_gpu_sandbox.paths import CHART
+from prefect_gpu_sandbox.chart import render_chart
 from prefect_gpu_sandbox.processes import free_port
-from prefect_gpu_sandbox.tools import ensure_tools
 
-__all__ = ["WebhookEndpoint", "render_chart"]
-
-
-def render_chart(
-    namespace: str,
-    values: Mapping[str, Any] | None = None,
-    *,
-    release: str = "prefect-gpu-operator",
-    show_only: str | None = None,
-) -> list[dict[str, Any]]:
-    """``helm template`` of the chart with ``values``: its documents, as dicts."""
-    helm = ensure_tools(("helm",)) / "helm"
-    with tempfile.TemporaryDirectory(prefix="helm-") as home:
-        values_file = Path(home) / "values.yaml"
-        values_file.write_text(yaml.safe_dump(dict(values or {})))
-        argv = [
-            str(helm), "template", release, str(CHART), "--namespace", namespace,
-            "--kube-version", "v1.37.1", "--values", str(values_file),
-        ]  # fmt: skip
-        if show_only:
-            argv += ["--show-only", show_only]
-        env = {"HOME": home, "PATH": "/usr/bin:/bin"}  # never the user's helm configuration
-        rendered = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
-    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+__all__ = ["WebhookEndpoint"]
 
 
 class WebhookEndpoint:

@@ -1,4 +1,6 @@
-"""The Helm chart and manifests/ on the real API server: lint, schema, install, RBAC, PSS."""
+"""The Helm chart and manifests/ on the real API server: install, upgrade, RBAC, PSS.
+
+What needs no server (lint, rendering, the values schema, kubeconform) is in tests/chart."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from prefect_gpu_operator.domain.injection import WEBHOOK_PATH
 from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.tools import tools_bin
 from prefect_gpu_sandbox.waiting import eventually
@@ -87,106 +90,6 @@ def _documents(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def test_helm_lint_is_clean(run: Run) -> None:
-    result = run("helm", "lint", "--strict", str(CHART))
-    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
-    assert "[WARNING]" not in result.stdout
-    assert "[ERROR]" not in result.stdout
-
-
-def test_manifests_match_the_chart(run: Run, tmp_path: Path) -> None:
-    script = REPO / "charts" / "render-manifests.sh"
-    subprocess.run(
-        ["bash", str(script), str(tmp_path)],
-        check=True,
-        capture_output=True,
-        env={"HELM": str(tools_bin() / "helm"), "PATH": "/usr/bin:/bin"},
-    )
-    committed = sorted((REPO / "manifests").glob("*.yaml"))
-    assert [p.name for p in committed] == sorted(p.name for p in tmp_path.glob("*.yaml"))
-    for path in committed:
-        fresh = _documents((tmp_path / path.name).read_text())
-        ours = _documents(path.read_text())
-        assert ours == fresh, (
-            f"manifests/{path.name} drifted from the chart: run charts/render-manifests.sh"
-        )
-        # The operator makes the webhook's certificate: no key is rendered, none is committed.
-        assert "PRIVATE KEY" not in path.read_text()
-        assert "Secret" not in [doc["kind"] for doc in ours]
-    crds = _documents((REPO / "manifests" / "01-crds.yaml").read_text())
-    chart_crds = [
-        d for p in sorted((CHART / "crds").glob("*.yaml")) for d in _documents(p.read_text())
-    ]
-    assert crds == chart_crds
-
-
-@pytest.mark.parametrize(
-    ("source", "kinds", "secret_rendered", "ca_rendered"),
-    [
-        ("helm", {"Secret"}, True, True),
-        ("operator", set(), False, False),
-        ("certManager", {"Issuer", "Certificate"}, False, False),
-    ],
-)
-def test_each_certificate_source_renders_its_own_tls(
-    run: Run, source: str, kinds: set[str], secret_rendered: bool, ca_rendered: bool
-) -> None:
-    rendered = run(
-        "helm", "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-        "--kube-version", "v1.37.1", "--set", f"webhook.tls.source={source}",
-    ).stdout  # fmt: skip
-    docs = _documents(rendered)
-    tls_kinds = {doc["kind"] for doc in docs} & {"Secret", "Issuer", "Certificate"}
-    assert tls_kinds == kinds
-    assert ("PRIVATE KEY" in base64_decoded_secrets(docs)) is secret_rendered
-    (configuration,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
-    has_ca = ["caBundle" in entry["clientConfig"] for entry in configuration["webhooks"]]
-    assert set(has_ca) == {ca_rendered}
-    annotations = configuration["metadata"].get("annotations", {})
-    assert ("cert-manager.io/inject-ca-from" in annotations) is (source == "certManager")
-    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
-    env = {var["name"] for var in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert ("PREFECT_GPU_OPERATOR_WEBHOOK_TLS_SECRET" in env) is (source == "operator")
-
-
-def base64_decoded_secrets(docs: list[dict[str, Any]]) -> str:
-    return "".join(
-        base64.b64decode(value).decode()
-        for doc in docs
-        if doc["kind"] == "Secret"
-        for value in (doc.get("data") or {}).values()
-    )
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        (["--set", "operator.replicas=two"], "at '/operator/replicas': got string, want integer"),
-        (["--set", "operator.typo=1"], "additional properties 'typo' not allowed"),
-        (["--set", "webhook.timeoutSeconds=30"], "at '/webhook/timeoutSeconds': maximum"),
-        (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
-        (["--set", "inferenceWorker.prefectApiUrl=ftp://x"], "at '/inferenceWorker/prefectApiUrl'"),
-    ],
-)
-def test_invalid_values_fail_install_with_the_schema_message(
-    run: Run, values: list[str], message: str
-) -> None:
-    result = run(
-        "helm",
-        "install",
-        "bad-values",
-        str(CHART),
-        "--namespace",
-        "bad-values",
-        "--create-namespace",
-        *values,
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "values don't meet the specifications of the schema" in result.stderr
-    assert message in result.stderr
-
-
 def test_install_creates_the_objects(installed: str, run: Run) -> None:
     objects = run(
         "kubectl",
@@ -220,7 +123,7 @@ def test_install_creates_the_objects(installed: str, run: Run) -> None:
         run("kubectl", "get", "mutatingwebhookconfiguration", RELEASE, "-o", "json").stdout
     )
     for entry in webhook["webhooks"]:
-        assert entry["clientConfig"]["service"]["path"] == "/inject-worker-id"
+        assert entry["clientConfig"]["service"]["path"] == WEBHOOK_PATH
         assert entry["failurePolicy"] == "Ignore"
         assert entry["timeoutSeconds"] <= 5
         assert entry["sideEffects"] == "None"

@@ -1,0 +1,93 @@
+"""What the chart renders, with no cluster: lint, each TLS source's objects, the values schema."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from prefect_gpu_operator.domain.injection import WEBHOOK_PATH
+from prefect_gpu_sandbox.chart import helm, render_chart
+from prefect_gpu_sandbox.paths import CHART
+from prefect_gpu_sandbox.tools import K8S_VERSION
+from tests.chart.value_sets import NAMESPACE, RELEASE, VALUE_SETS
+
+
+def test_helm_lint_is_clean() -> None:
+    result = helm("lint", "--strict", str(CHART))
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout
+    assert "[ERROR]" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "kinds", "secret_rendered", "ca_rendered"),
+    [
+        ("helm", {"Secret"}, True, True),
+        ("operator", set(), False, False),
+        ("certManager", {"Issuer", "Certificate"}, False, False),
+    ],
+)
+def test_each_certificate_source_renders_its_own_tls(
+    source: str, kinds: set[str], secret_rendered: bool, ca_rendered: bool
+) -> None:
+    docs = render_chart(NAMESPACE, {"webhook": {"tls": {"source": source}}}, release=RELEASE)
+    tls_kinds = {doc["kind"] for doc in docs} & {"Secret", "Issuer", "Certificate"}
+    assert tls_kinds == kinds
+    assert ("PRIVATE KEY" in base64_decoded_secrets(docs)) is secret_rendered
+    (configuration,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    has_ca = ["caBundle" in entry["clientConfig"] for entry in configuration["webhooks"]]
+    assert set(has_ca) == {ca_rendered}
+    annotations = configuration["metadata"].get("annotations", {})
+    assert ("cert-manager.io/inject-ca-from" in annotations) is (source == "certManager")
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {var["name"] for var in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert ("PREFECT_GPU_OPERATOR_WEBHOOK_TLS_SECRET" in env) is (source == "operator")
+
+
+def base64_decoded_secrets(docs: list[dict[str, Any]]) -> str:
+    return "".join(
+        base64.b64decode(value).decode()
+        for doc in docs
+        if doc["kind"] == "Secret"
+        for value in (doc.get("data") or {}).values()
+    )
+
+
+def test_every_webhook_calls_the_handlers_path(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The chart cannot import WEBHOOK_PATH, so its literal is checked against it, in every set."""
+    paths = {
+        (name, entry["clientConfig"]["service"]["path"])
+        for name, docs in rendered.items()
+        for doc in docs
+        if doc["kind"] == "MutatingWebhookConfiguration"
+        for entry in doc["webhooks"]
+    }
+    webhook_on = {
+        name
+        for name, values in VALUE_SETS.items()
+        if values.get("webhook", {}).get("enabled", True)
+    }
+    assert paths == {(name, WEBHOOK_PATH) for name in webhook_on}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "operator.replicas=two"], "at '/operator/replicas': got string, want integer"),
+        (["--set", "operator.typo=1"], "additional properties 'typo' not allowed"),
+        (["--set", "webhook.timeoutSeconds=30"], "at '/webhook/timeoutSeconds': maximum"),
+        (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
+        (["--set", "inferenceWorker.prefectApiUrl=ftp://x"], "at '/inferenceWorker/prefectApiUrl'"),
+    ],
+)
+def test_invalid_values_fail_with_the_schema_message(values: list[str], message: str) -> None:
+    """`helm template` checks values.schema.json as `helm install` does."""
+    result = helm(
+        "template", "bad-values", str(CHART), "--namespace", "bad-values",
+        "--kube-version", K8S_VERSION, *values, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr
