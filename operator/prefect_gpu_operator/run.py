@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import secrets
+import socket
 
 import kopf
+from kopf._core.engines.peering import Identity
 
 from prefect_gpu_operator.settings import OperatorSettings, current_settings
 
@@ -30,14 +34,23 @@ def run_operator(settings: OperatorSettings, *, verbose: bool = False) -> None:
         if settings.health_port
         else None
     )
+    identity = peering_identity() if settings.peering else None
     asyncio.run(
         kopf.operator(
             clusterwide=True,
             standalone=settings.peering is None,
             peering_name=settings.peering,
+            identity=identity,
+            memo=kopf.Memo(identity=identity),  # the fence reads this replica's own record
             liveness_endpoint=liveness,
         )
     )
+
+
+def peering_identity() -> Identity:
+    """This replica's name in the peering object: its pod (or host), process and a nonce."""
+    where = os.environ.get("POD_NAME") or socket.gethostname()
+    return Identity(f"{where}/{os.getpid()}/{secrets.token_hex(3)}")
 
 
 def _run(args: argparse.Namespace) -> int:

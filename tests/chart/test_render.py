@@ -91,3 +91,16 @@ def test_invalid_values_fail_with_the_schema_message(values: list[str], message:
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(("replicas", "budget"), [(1, False), (2, True), (3, True)])
+def test_peering_is_always_on_and_a_disruption_budget_needs_two_replicas(
+    replicas: int, budget: bool
+) -> None:
+    """`kubectl scale` never makes two active writers; one replica never blocks a node drain."""
+    docs = render_chart(NAMESPACE, {"operator": {"replicas": replicas}}, release=RELEASE)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PREFECT_GPU_OPERATOR_PEERING"]["value"] == RELEASE
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert any(d["kind"] == "PodDisruptionBudget" for d in docs) is budget

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.tools import tools_bin
 from prefect_gpu_sandbox.waiting import eventually, holds
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
 from tests.support.policies import Policies, pool_spec
+from tests.support.proxy import Proxy, kubeconfig_through
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +121,64 @@ def test_one_replica_reconciles_and_the_other_takes_over(
 
 def _nodes(policies: Policies, expected: int) -> None:
     assert policies.status("ha").get("nodes") == expected
+
+
+def _writes(operator: OperatorProcess) -> float:
+    return sum(
+        operator.metric("prefect_gpu_operator_prefect_api_calls_total", operation=operation)
+        for operation in ("create", "update", "delete")
+    )
+
+
+def test_a_replica_cut_off_from_the_api_server_stops_writing(
+    peering: str,
+    control_plane: ControlPlane,
+    kubeconfig: Path,
+    operator_namespace: str,
+    policies: Policies,
+    gpu_nodes: NodeFactory,
+    prefect_api_url: str,
+    tmp_path: Path,
+) -> None:
+    """It cannot hear that another replica took over, and its resyncs would write back what its
+    stale view wants: it must stop writing to Prefect before its peering record expires."""
+    env = {
+        "PREFECT_GPU_OPERATOR_PEERING": peering,
+        "PREFECT_GPU_OPERATOR_PEERING_LIFETIME_SECONDS": str(LIFETIME),
+    }
+    reader = PrefectLimitsReader(prefect_api_url)
+    with Proxy(("127.0.0.1", control_plane.apiserver_port)) as line:
+        through = kubeconfig_through(kubeconfig, line, tmp_path / "cut-kubeconfig")
+        active = OperatorProcess(
+            through,
+            tmp_path / "active.log",
+            extra_env={**env, "PREFECT_GPU_OPERATOR_PEERING_PRIORITY": "200"},
+        )
+        standby = OperatorProcess(
+            kubeconfig,
+            tmp_path / "standby.log",
+            extra_env={**env, "PREFECT_GPU_OPERATOR_PEERING_PRIORITY": "100"},
+        )
+        try:
+            active.start()
+            standby.start()
+            gpu_nodes.create("hf-a", 4, labels={"pool": "hf"})
+            policies.create("hf", pool_spec(prefect_api_url, "hf"))
+            expect_limits(reader, "gpu:hf-", {"gpu:hf-a": 4}, timeout=30)
+            assert _reconciles(standby) == 0
+
+            line.cut()  # the active replica's line to the API server goes down
+            gpu_nodes.set_gpus("hf-a", 2)  # only the standby will see it, once it takes over
+            expect_limits(reader, "gpu:hf-", {"gpu:hf-a": 2}, timeout=LIFETIME + 30)
+            written = _writes(active)
+            # The cut replica still believes in 4 GPUs and reaches Prefect every resync: without
+            # its fence it would write 4 back; it writes nothing.
+            holds(lambda: reader.limits("gpu:hf-") == {"gpu:hf-a": 2}, duration=3 * RESYNC)
+            assert _writes(active) == written
+            assert "not writing to Prefect" in active.log()
+        finally:
+            line.restore()  # so the cut replica can stop cleanly
+            policies.delete_all()
+            for replica in (active, standby):
+                replica.stop()
+            reader.close()

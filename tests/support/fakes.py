@@ -94,6 +94,7 @@ class FakeKube:
         self.secret_reads = 0
         self.refuse_status = False
         self.while_listing: Callable[[], object] | None = None  # a watch event mid-listing
+        self.peering: dict[str, Any] = {}  # the ClusterKopfPeering object
 
     def status(self, policy: str) -> dict[str, Any]:
         """The policy's status as the API server would store it after every merge patch."""
@@ -122,6 +123,10 @@ class FakeKube:
         if self.refuse_status:
             raise StatusNotWritten("500 Internal Server Error")
         self.patches[name].append(dict(status))
+
+    async def read_peering(self, name: str) -> dict[str, Any]:
+        self.journal.append(f"kube read peering {name}")
+        return dict(self.peering)
 
     def close(self) -> None:
         pass

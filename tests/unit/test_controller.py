@@ -4,6 +4,7 @@ crash-safe order, ownership and conflicts, drift, outages, and how few calls it 
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,12 +33,12 @@ def policy(name: str = "p", created: str = "2026-11-01T00:00:00Z", **spec: Any) 
 class World:
     """A controller wired to the fakes, with a shared journal of their calls."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, identity: str | None = None, **settings: Any) -> None:
         self.journal = Journal()
         self.kube = FakeKube(self.journal)
         self.prefect = FakePrefect(self.journal, API_URL)
         config = OperatorSettings(status_interval_seconds=0.01, **settings)
-        self.controller = Controller(config, self.kube, self.prefect.connect)
+        self.controller = Controller(config, self.kube, self.prefect.connect, identity)
 
     def node(self, name: str, gpus: int | None = 4, **labels: str) -> list[str]:
         """The node exists (or changed) in the API server and the watch reports it; the
@@ -401,3 +402,23 @@ def test_gpu_pods_that_see_fewer_gpus_than_their_limit_are_reported() -> None:
     assert matched["status"] == "False"
     assert "pod ml/worker-short" in matched["message"]
     assert "worker-whole" not in matched["message"]
+
+
+def test_a_replica_whose_peering_record_went_stale_writes_nothing() -> None:
+    now = datetime.datetime.now(datetime.UTC)
+
+    async def scenario(world: World) -> None:
+        fresh = {"status": {"me": {"priority": 2, "lifetime": 10, "lastseen": now.isoformat()}}}
+        world.kube.peering = fresh
+        await world.controller.keep_fence()
+        await world.synced(4)
+        assert world.prefect.limits["gpu:a"].limit == 4
+        stale = (now - datetime.timedelta(seconds=9)).isoformat()  # 90 % of the lifetime ago
+        world.kube.peering = {"status": {"me": {"priority": 2, "lifetime": 10, "lastseen": stale}}}
+        await world.controller.keep_fence()
+        world.node("a", 2)
+        events = await world.controller.reconcile("p", full=False)
+        assert [e.reason for e in events] == ["Fenced"]
+
+    world = run(scenario, peering="ha", peering_lifetime_seconds=10, identity="me")
+    assert world.prefect.limits["gpu:a"].limit == 4  # the stale replica did not write 2

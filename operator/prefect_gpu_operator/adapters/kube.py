@@ -10,7 +10,7 @@ import base64
 import json
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -120,6 +120,13 @@ class Kube:
             )
         except ApiException as error:
             raise StatusNotWritten(f"{error.status} {error.reason}") from None
+
+    async def read_peering(self, name: str) -> dict[str, Any]:
+        """The kopf peering object (cluster-scoped) with every replica's keepalive."""
+        peering = await asyncio.to_thread(
+            self.custom.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", name
+        )
+        return dict(cast(dict[str, Any], peering))
 
     def close(self) -> None:
         self.api.close()  # type: ignore[no-untyped-call]

@@ -7,6 +7,7 @@ from typing import Literal
 
 __all__ = [
     "Event",
+    "fenced",
     "invalid_limit_name",
     "invalid_spec",
     "limit_created",
@@ -58,6 +59,10 @@ def invalid_limit_name(error: str) -> Event:
 
 def status_write_failed() -> Event:
     return Event("Warning", "StatusWriteFailed", "could not record new limits")
+
+
+def fenced(error: str) -> Event:
+    return Event("Warning", "Fenced", error)
 
 
 def prefect_unreachable(error: str) -> Event:

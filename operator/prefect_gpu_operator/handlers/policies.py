@@ -21,6 +21,7 @@ from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
 from prefect_gpu_operator.domain.events import Event
 from prefect_gpu_operator.domain.injection import WORKER_LABEL
 from prefect_gpu_operator.runtime.controller import Controller
+from prefect_gpu_operator.runtime.fence import POLL_SECONDS
 from prefect_gpu_operator.settings import current_settings
 
 POLICIES = (GROUP, VERSION, PLURAL)
@@ -54,15 +55,23 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         else random.randint(1, 2**31 - 1)  # equal priorities would pause every replica
     )
     kube = Kube()
-    controller = Controller(config, kube)
+    controller = Controller(config, kube, identity=getattr(memo, "identity", None))
     controller.seed_nodes(await kube.list_gpu_nodes())
     memo.controller = controller
+    memo.fence_keeper = asyncio.create_task(_keep_fence(controller))
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.health_address)
 
 
+async def _keep_fence(controller: Controller) -> None:
+    while True:
+        await controller.keep_fence()
+        await asyncio.sleep(POLL_SECONDS)
+
+
 @kopf.on.cleanup()
 async def stop(memo: Any, **_: Any) -> None:
+    memo.fence_keeper.cancel()
     await _controller(memo).close()
 
 

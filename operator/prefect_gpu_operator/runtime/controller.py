@@ -10,6 +10,7 @@ the ledger before they are created in Prefect, so a crash at any point leaves no
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -25,6 +26,7 @@ from prefect_gpu_operator.domain.plan import Change, ObservedLimit, changes, pla
 from prefect_gpu_operator.domain.status import Outcome
 from prefect_gpu_operator.metrics import RECONCILE_SECONDS, RECONCILES
 from prefect_gpu_operator.runtime.cluster_view import ClusterView
+from prefect_gpu_operator.runtime.fence import Fence, Fenced
 from prefect_gpu_operator.runtime.ports import ConnectPrefect, KubeApi, LimitsApi
 from prefect_gpu_operator.runtime.prefect_view import Listing, PrefectView
 from prefect_gpu_operator.runtime.records import PolicyRecord
@@ -32,6 +34,8 @@ from prefect_gpu_operator.runtime.status_writer import StatusWriter, export_metr
 from prefect_gpu_operator.settings import OperatorSettings
 
 __all__ = ["Controller"]
+
+log = logging.getLogger(__name__)
 
 
 def _lowered(
@@ -52,10 +56,16 @@ class Controller:
     the reconcile of one policy that joins them."""
 
     def __init__(
-        self, settings: OperatorSettings, kube: KubeApi, connect: ConnectPrefect = PrefectLimits
+        self,
+        settings: OperatorSettings,
+        kube: KubeApi,
+        connect: ConnectPrefect = PrefectLimits,
+        identity: str | None = None,
     ) -> None:
+        """``identity``: this replica's name in the peering object (None: standalone)."""
         self.settings = settings
         self.kube = kube
+        self.fence = Fence(identity, settings.peering_lifetime_seconds)
         self.view = ClusterView(kube)
         self.prefect = PrefectView(
             kube, settings.namespace, connect, timeout=settings.prefect_timeout_seconds
@@ -99,6 +109,15 @@ class Controller:
         if record is not None and any(entry.draining_to is not None for entry in record.ledger):
             return min(self.settings.resync_seconds, self.settings.drain_poll_seconds)
         return self.settings.resync_seconds
+
+    async def keep_fence(self) -> None:
+        """Read this replica's peering record once (call it several times per lifetime)."""
+        if self.fence.identity is None or self.settings.peering is None:
+            return
+        try:
+            self.fence.observe(await self.kube.read_peering(self.settings.peering))
+        except Exception as error:  # unreachable: the fence closes on its own when it is due
+            log.debug("peering not read: %s", error)
 
     async def close(self) -> None:
         await self.status.flush_all(self.policies)
@@ -185,6 +204,9 @@ class Controller:
                 return [events.status_write_failed()]
             await self._apply(server, writes, done)
             record.ledger = plan.ledger
+        except Fenced as error:
+            log.warning("%s: %s", name, error)  # its Event may not reach the API server either
+            return [*done, events.fenced(str(error))]
         except (PrefectUnreachable, SecretNotFound) as error:
             self.prefect.forget(spec.server.api_url)  # re-read everything once it is back
             message = str(error)
@@ -203,6 +225,7 @@ class Controller:
     async def _apply(self, server: LimitsApi, writes: list[Change], done: list[Event]) -> None:
         """Make the plan's writes in order; each one's event joins ``done`` once it is made."""
         for change in writes:
+            self.fence.check()
             if change.limit is None:
                 await server.delete(change.name)
             elif change.action == "create":
