@@ -104,3 +104,28 @@ def test_peering_is_always_on_and_a_disruption_budget_needs_two_replicas(
     assert env["PREFECT_GPU_OPERATOR_PEERING"]["value"] == RELEASE
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert any(d["kind"] == "PodDisruptionBudget" for d in docs) is budget
+
+
+def test_cert_manager_renewals_keep_the_ca_bundle() -> None:
+    """Without an issuerRef the chart makes root -> CA Issuer -> serving certificate, and the
+    webhook trusts the root: a renewed serving certificate needs no new caBundle."""
+    docs = render_chart(NAMESPACE, {"webhook": {"tls": {"source": "certManager"}}}, release=RELEASE)
+    issuers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Issuer"}
+    certificates = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    root, serving = certificates[f"{RELEASE}-webhook-ca"], certificates[f"{RELEASE}-webhook"]
+    assert root["isCA"] is True
+    assert root["issuerRef"]["name"] == f"{RELEASE}-selfsigned"
+    assert "selfSigned" in issuers[f"{RELEASE}-selfsigned"]
+    assert issuers[f"{RELEASE}-ca"] == {"ca": {"secretName": root["secretName"]}}
+    assert serving["issuerRef"]["name"] == f"{RELEASE}-ca"
+    (configuration,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    annotation = configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert annotation == f"{NAMESPACE}/{RELEASE}-webhook-ca"
+
+
+def test_readiness_waits_for_the_webhook_port() -> None:
+    docs = render_chart(NAMESPACE, {}, release=RELEASE)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"

@@ -100,6 +100,8 @@ def test_worker_flow_run_and_opted_in_pods_get_worker_id(
 def test_other_pods_are_left_alone(webhook: WebhookEndpoint, pods: Pods) -> None:
     assert worker_ids(pods.create("opted-out", OPT_OUT)) == {"main": []}
     assert worker_ids(pods.create("plain", {"app": "nginx"})) == {"main": []}
+    airflow = {"app.kubernetes.io/name": "airflow", "app.kubernetes.io/component": "worker"}
+    assert worker_ids(pods.create("airflow-worker", airflow)) == {"main": []}
     assert worker_ids(pods.create("system", WORKER, namespace="kube-system")) == {"main": []}
 
 

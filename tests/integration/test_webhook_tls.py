@@ -125,6 +125,18 @@ def test_operator_makes_the_certificate_injects_its_ca_and_serves_it(
             assert worker_ids(pod)["main"] == [WORKER_ID_VAR]
 
         eventually(injected, timeout=30, interval=0.5)
+
+        # A later `helm upgrade` adds a webhook entry, without caBundle (Helm never sets it).
+        admission = client.AdmissionregistrationV1Api(kube_api)
+        live = admission.read_mutating_webhook_configuration(endpoint.name)
+        added = kube_api.sanitize_for_serialization(live.webhooks[0])
+        added["name"] = "inject-worker-id-added.prefectgpu.io"
+        del added["clientConfig"]["caBundle"]
+        admission.patch_mutating_webhook_configuration(
+            endpoint.name, [{"op": "add", "path": "/webhooks/-", "value": added}]
+        )
+        assert None in _ca_bundles(kube_api, endpoint.name)
+        eventually(lambda: _has_bundles(kube_api, endpoint.name, made.ca_pem), timeout=20)
         log = operator.log()
         assert "PRIVATE KEY" not in log
         assert base64.b64encode(made.key_pem).decode() not in log

@@ -31,6 +31,7 @@ __all__ = [
     "WebhookTLS",
     "ca_bundle_patch",
     "ensure_webhook_tls",
+    "inject_ca",
     "mint_webhook_tls",
 ]
 
@@ -143,7 +144,7 @@ def ensure_webhook_tls(
     hosts), with its CA injected into the MutatingWebhookConfiguration ``configuration``."""
     tls = _stored_or_minted(client.CoreV1Api(api), namespace, secret_name, hosts)
     if configuration:
-        _inject_ca(client.AdmissionregistrationV1Api(api), configuration, tls.ca_pem)
+        inject_ca(api, configuration, tls.ca_pem)
     return tls
 
 
@@ -182,7 +183,9 @@ def _stored_or_minted(
     raise RuntimeError(f"Secret {namespace}/{name} kept changing under {_WRITE_ATTEMPTS} writes")
 
 
-def _inject_ca(admission: client.AdmissionregistrationV1Api, name: str, ca_pem: bytes) -> None:
+def inject_ca(api: client.ApiClient, name: str, ca_pem: bytes) -> None:
+    """Set ``ca_pem`` as the caBundle of every webhook of configuration ``name`` lacking it."""
+    admission = client.AdmissionregistrationV1Api(api)
     for _ in range(_WRITE_ATTEMPTS):
         configuration = _read_json(
             lambda: admission.read_mutating_webhook_configuration(name, **_RAW)

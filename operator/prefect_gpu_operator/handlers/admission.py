@@ -20,7 +20,7 @@ import jsonpatch
 import kopf
 
 from prefect_gpu_operator.adapters.kube import api_client
-from prefect_gpu_operator.adapters.webhook_tls import ensure_webhook_tls
+from prefect_gpu_operator.adapters.webhook_tls import ensure_webhook_tls, inject_ca
 from prefect_gpu_operator.domain.injection import WEBHOOK_ID, Injection
 from prefect_gpu_operator.metrics import ADMISSION_SECONDS, ADMISSIONS
 from prefect_gpu_operator.settings import OperatorSettings, current_settings
@@ -49,7 +49,11 @@ async def configure_webhook(settings: kopf.OperatorSettings, memo: Any, **_: Any
         settings.admission.server = _no_server
         return
     if config.webhook_tls_secret:
-        await asyncio.to_thread(_make_certificate, config)
+        ca_pem = await asyncio.to_thread(_make_certificate, config)
+        if config.webhook_configuration:
+            memo.ca_keeper = asyncio.create_task(
+                _keep_ca(config.webhook_configuration, ca_pem, config.resync_seconds)
+            )
     settings.admission.server = kopf.WebhookServer(
         addr=config.webhook_address,
         port=config.webhook_port,
@@ -92,7 +96,25 @@ async def inject_worker_id(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: A
         ADMISSION_SECONDS.observe(time.perf_counter() - started)
 
 
-def _make_certificate(config: OperatorSettings) -> None:
+@kopf.on.cleanup()
+async def stop_ca_keeper(memo: Any, **_: Any) -> None:
+    if (keeper := getattr(memo, "ca_keeper", None)) is not None:
+        keeper.cancel()
+
+
+async def _keep_ca(configuration: str, ca_pem: bytes, interval: float) -> None:
+    """Inject the CA again whenever the configuration lost it: a later ``helm upgrade`` that adds
+    a webhook entry leaves that entry without a caBundle, and nothing would restart us."""
+    api = api_client()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(inject_ca, api, configuration, ca_pem)
+        except Exception as error:  # the API server may be away: try again next time
+            log.warning("webhook CA not checked (%s); retrying in %.0f s", error, interval)
+
+
+def _make_certificate(config: OperatorSettings) -> bytes:
     assert config.webhook_tls_secret
     assert config.webhook_cert_file
     assert config.webhook_key_file
@@ -104,6 +126,7 @@ def _make_certificate(config: OperatorSettings) -> None:
         configuration=config.webhook_configuration,
     )
     tls.write(config.webhook_cert_file, config.webhook_key_file)
+    return tls.ca_pem
 
 
 def _apply(raw: kopf.RawBody, ops: list[dict[str, Any]]) -> None:
