@@ -142,6 +142,8 @@ def test_full_policy_round_trips(kubectl: Kubectl) -> None:
             ],
         },
         "resources": ["nvidia.com/mig-1g.10gb", "amd.com/gpu"],
+        "capacityFrom": "WorkerPods",
+        "workerSelector": {"matchLabels": {"app.kubernetes.io/name": "prefect-worker"}},
         "slotsPerGpu": 2,
         "limitNameTemplate": "inference:{node}",
         "slotDecayPerSecond": 0.5,

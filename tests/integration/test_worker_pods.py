@@ -73,8 +73,9 @@ def test_a_gpu_pod_that_sees_fewer_gpus_than_its_limit_is_reported(
     pods.create("ws-flow-run", WORKER_LABELS, containers=_worker(0), node="ws-cpu")
 
     def warned() -> Any:
-        (event,) = _events(core_v1, "ws-short")
-        return event
+        events = _events(core_v1, "ws-short")
+        assert len(events) == 1
+        return events[0]
 
     event = eventually(warned, timeout=15)
     assert (event.type, event.reason) == ("Warning", "WorkerSeesFewerGPUs")

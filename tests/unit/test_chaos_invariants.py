@@ -141,3 +141,16 @@ def test_limits_must_follow_the_changes_in_order_and_promptly() -> None:
     outage = [Disruption("operator", 1.0, 6.0)]
     report = check([], polls(2, 2, 2, 2, 2, 2, 2, 1), slow, outage)
     assert report["propagation_after_outage_n"] == 1
+
+
+def test_a_zero_may_drain_at_one_first() -> None:
+    changes = [*SET_TWO, Change(0.5, "n", 0)]
+    assert check([], polls(2, 1, 1, 0, 0), changes, [])["propagation_healthy_n"] == 1
+    with pytest.raises(AssertionError, match="not in the order"):
+        check([], polls(2, 3, 0), changes, [])  # 3 was never asked for
+
+
+def test_a_drain_that_goes_back_to_one_is_still_one_target() -> None:
+    """A holder that slipped in as 0 was written sends the limit back to 1 until it leaves."""
+    changes = [*SET_TWO, Change(0.5, "n", 0)]
+    assert check([], polls(2, 1, 0, 1, 0), changes, [])["propagation_healthy_n"] == 1

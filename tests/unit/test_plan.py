@@ -221,30 +221,30 @@ def test_many_nodes_mixed() -> None:
     assert [entry.name for entry in result.claim] == ["gpu:grow", "gpu:keep", "gpu:new", "gpu:old"]
 
 
-def test_a_limit_never_drops_below_the_slots_held_and_follows_them_down() -> None:
+def test_a_limit_of_0_waits_at_1_until_no_slot_is_held() -> None:
+    """Prefect cannot release into a limit of 0; at 1 no new holder can enter while one holds."""
     ledger = [LimitEntry(name="gpu:a", node="a", limit=4)]
 
     def step(held: int, limit: int) -> Plan:
         observed = {"gpu:a": ObservedLimit("gpu:a", limit, active_slots=held)}
         return plan_policy(want(("a", 0)), ledger, observed, deletion_policy="Delete")
 
-    first = step(held=3, limit=4)  # the node lost its GPUs while 3 slots are held
-    assert [(u.name, u.limit) for u in first.update] == [("gpu:a", 3)]
-    assert first.draining == (LimitEntry(name="gpu:a", node="a", limit=3, draining_to=0),)
-    assert [(u.name, u.limit) for u in step(held=1, limit=3).update] == [("gpu:a", 1)]
+    first = step(held=3, limit=4)  # the node lost every GPU while 3 slots are held
+    assert [(u.name, u.limit) for u in first.update] == [("gpu:a", 1)]
+    assert first.draining == (LimitEntry(name="gpu:a", node="a", limit=1, draining_to=0),)
     assert step(held=1, limit=1).update == ()  # waiting for the last holder
     done = step(held=0, limit=1)
     assert [(u.name, u.limit) for u in done.update] == [("gpu:a", 0)]
     assert done.draining == ()
+    stranded = step(held=2, limit=0)  # set to 0 by someone else: raised so they can release
+    assert [(u.name, u.limit) for u in stranded.update] == [("gpu:a", 1)]
 
 
-def test_draining_never_raises_a_limit_and_stops_at_a_nonzero_target() -> None:
-    ledger = [LimitEntry(name="gpu:a", node="a", limit=2)]
-    observed = {"gpu:a": ObservedLimit("gpu:a", 2, active_slots=5)}  # lowered by hand before
+def test_a_positive_target_is_written_at_once_whatever_is_held() -> None:
+    """Prefect keeps holders above a lowered limit and takes their releases: nothing to wait for
+    (waiting would never end: a leaving holder hands its slot on without a release)."""
+    ledger = [LimitEntry(name="gpu:a", node="a", limit=4)]
+    observed = {"gpu:a": ObservedLimit("gpu:a", 4, active_slots=4)}
     plan = plan_policy(want(("a", 1)), ledger, observed, deletion_policy="Delete")
-    assert plan.update == ()
-    assert plan.ledger == (LimitEntry(name="gpu:a", node="a", limit=2, draining_to=1),)
-    quiet = {"gpu:a": ObservedLimit("gpu:a", 2, active_slots=1)}
-    plan = plan_policy(want(("a", 1)), ledger, quiet, deletion_policy="Delete")
     assert [(u.name, u.limit) for u in plan.update] == [("gpu:a", 1)]
     assert plan.draining == ()

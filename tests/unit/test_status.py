@@ -88,13 +88,13 @@ def test_the_body_written_is_the_models_camel_case_dump() -> None:
 
 
 def test_draining_limits_time_sliced_nodes_and_short_workers_are_reported() -> None:
-    draining = LimitEntry(name="gpu:a", node="a", limit=3, draining_to=0)
+    draining = LimitEntry(name="gpu:a", node="a", limit=1, draining_to=0)
     short = ("node a: pod ml/worker was given 1 GPU(s) (1 slot(s)), its limit gpu:a counts 4",)
     outcome = Outcome(1, Plan(ledger=(draining, B)), time_sliced=("b",), short_workers=short)
     status = build_status(outcome, EMPTY, "t1")
     ready = next(c for c in status.conditions if c.type == "Ready")
     assert ready.status == "True"
-    assert "1 draining as held slots are released (gpu:a 3 -> 0)" in ready.message
+    assert "1 draining until held slots are released (gpu:a 1 -> 0)" in ready.message
     assert "slotsPerGpu not applied on time-sliced nodes (b)" in ready.message
     matched = next(c for c in status.conditions if c.type == "WorkersMatchLimits")
     assert (matched.status, matched.reason, matched.message) == (
@@ -105,6 +105,6 @@ def test_draining_limits_time_sliced_nodes_and_short_workers_are_reported() -> N
     assert status_body(status)["limits"][0] == {
         "name": "gpu:a",
         "node": "a",
-        "limit": 3,
+        "limit": 1,
         "drainingTo": 0,
     }

@@ -290,9 +290,9 @@ class LimitEntry(_KubeModel):
     draining_to: int | None = Field(
         default=None,
         ge=0,
-        description="Set while the limit drains: the node has fewer GPUs than slots are held, so "
-        "the limit stays at the holders and follows them down to this target as they release "
-        "(Prefect cannot release a slot into a limit of 0).",
+        description="Set while the limit drains: its target is 0 (the node has no GPUs left) but "
+        "slots are still held, and Prefect cannot release a slot into a limit of 0, so the limit "
+        "stays at 1 (no new holder can enter) until they are released.",
     )
 
 

@@ -41,7 +41,7 @@ def limit_updated(name: str, before: int | None, limit: int, draining_to: int | 
     was = "?" if before is None else str(before)
     message = f"{name}: limit {was} -> {limit}"
     if draining_to is not None:
-        message += f", draining to {draining_to} as the {limit} slot(s) held are released"
+        message += f", draining to {draining_to} once the slots still held are released"
     return Event("Normal", "LimitUpdated", message)
 
 

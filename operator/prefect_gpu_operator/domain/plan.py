@@ -4,8 +4,8 @@ The ledger (``status.limits``) is the set of limits the policy owns. The operato
 and deletes only limits in it; a limit that exists in Prefect under a desired name but is in no
 policy's ledger belongs to a user and is never touched (reported as refused). ``active`` is never
 changed: Prefect miscounts slots when a limit is toggled, so capacity is expressed through ``limit``
-alone. A limit is never lowered below the slots held in it (Prefect cannot release a slot into a
-limit of 0): it drains, staying at the holders and following them down to its target.
+alone. A limit is never set to 0 while slots are held in it (Prefect cannot release a slot into
+a limit of 0): it drains at 1 until the holders are gone (``drained``).
 
 Crash safety comes from the order the caller applies a plan in:
 1. write ``claim`` to status.limits (the ledger plus every name about to be created or adopted),
@@ -95,10 +95,18 @@ def _entry(limit: DesiredLimit, target: int) -> LimitEntry:
 
 
 def drained(desired: DesiredLimit, observed: ObservedLimit) -> DesiredLimit:
-    """The limit to write now: the target, or the slots held when fewer than those remain (never
-    above what the limit already is). Holders then leave at their own pace and the limit follows."""
-    held = min(observed.active_slots, observed.limit)
-    return replace(desired, limit=held) if desired.limit < held else desired
+    """The limit to write now. Prefect cannot release a slot into a limit of 0 (its decrement
+    divides by the limit: 409 on SQLite, 503 on PostgreSQL), so while slots are held a target of
+    0 is written as 1: the least limit holders can release into, and one no new holder can enter
+    while one holds; 0 follows once nobody does. A positive target is written at once: Prefect
+    keeps holders above a lowered limit and takes their releases.
+
+    Why not stay at the holders and follow them down: a holder that leaves hands its slot to the
+    next claimant on its node without a release, so under steady demand the held count, and with
+    it the limit, would never come down."""
+    if desired.limit == 0 and observed.active_slots > 0:
+        return replace(desired, limit=1)
+    return desired
 
 
 def _sorted(entries: Iterable[LimitEntry]) -> tuple[LimitEntry, ...]:

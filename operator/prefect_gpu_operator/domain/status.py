@@ -80,7 +80,7 @@ def _sync_message(plan: Plan, time_sliced: Sequence[str]) -> str:
     if draining := plan.draining:
         targets = ", ".join(f"{e.name} {e.limit} -> {e.draining_to}" for e in draining[:5])
         more = f" and {len(draining) - 5} more" if len(draining) > 5 else ""
-        parts.append(f"{len(draining)} draining as held slots are released ({targets}{more})")
+        parts.append(f"{len(draining)} draining until held slots are released ({targets}{more})")
     if time_sliced:
         names = ", ".join(time_sliced[:5]) + (" ..." if len(time_sliced) > 5 else "")
         parts.append(

@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 def _lowered(
     desired: PolicyDesired, observed: Mapping[str, ObservedLimit], record: PolicyRecord
 ) -> list[str]:
-    """Owned limits whose target is below what Prefect had: about to be lowered, or draining."""
+    """Owned limits about to go to 0, or draining there: whether slots are held decides."""
     lowered = {
         name
         for name, limit in desired.limits.items()
-        if name in observed and limit.limit < observed[name].limit
+        if name in observed and limit.limit == 0 and observed[name].limit > 0
     }
     lowered |= {entry.name for entry in record.ledger if entry.draining_to is not None}
     return sorted(lowered & {entry.name for entry in record.ledger})
@@ -184,8 +184,8 @@ class Controller:
                 self.status.write(name, record, Outcome(generation, spec_error=str(error)))
                 return [events.invalid_limit_name(str(error))]
             if not full:
-                # Lowering a limit needs how many slots it holds now, not at the last listing:
-                # it must not drop below them (a draining limit follows them down).
+                # Setting a limit to 0 needs how many slots it holds now, not at the last
+                # listing: while any is held it drains at 1 instead.
                 await self.prefect.reread(server, _lowered(desired, observed, record))
             plan = plan_policy(
                 desired,
