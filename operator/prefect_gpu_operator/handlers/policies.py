@@ -121,6 +121,10 @@ async def reconcile_policy(
         record.wake.clear()
         events = await controller.reconcile(name, full=full)
         _post(body, events)
+        if any(e.reason == "PrefectRateLimited" for e in events):
+            # Resume from the cache at once: the client holds every call until Retry-After.
+            full = False
+            continue
         failures = failures + 1 if any(e.reason == "PrefectUnreachable" for e in events) else 0
         try:
             await asyncio.wait_for(record.wake.wait(), timeout=controller.next_wait(name, failures))

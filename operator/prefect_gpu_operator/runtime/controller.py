@@ -17,7 +17,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound
-from prefect_gpu_operator.adapters.prefect_limits import PrefectLimits, PrefectUnreachable
+from prefect_gpu_operator.adapters.prefect_limits import (
+    PrefectLimits,
+    PrefectRateLimited,
+    PrefectUnreachable,
+)
 from prefect_gpu_operator.api.limit_names import LimitNameError
 from prefect_gpu_operator.domain import events
 from prefect_gpu_operator.domain.desired import GPUNode, PolicyDesired
@@ -208,8 +212,12 @@ class Controller:
             log.warning("%s: %s", name, error)  # its Event may not reach the API server either
             return [*done, events.fenced(str(error))]
         except (PrefectUnreachable, SecretNotFound) as error:
-            self.prefect.forget(spec.server.api_url)  # re-read everything once it is back
             message = str(error)
+            if isinstance(error, PrefectRateLimited):  # it answers: what it said still holds
+                outcome = Outcome(generation, plan, prefect_error=message, rate_limited=True)
+                self.status.write(name, record, outcome)
+                return [*done, events.prefect_rate_limited(message)]
+            self.prefect.forget(spec.server.api_url)  # re-read everything once it is back
             self.status.write(name, record, Outcome(generation, plan, prefect_error=message))
             return [*done, events.prefect_unreachable(message)]
         export_metrics(name, record, plan.ledger)
