@@ -238,7 +238,8 @@ class PrefectLimits:
                     csrf_refreshed = True
                     continue
                 PREFECT_ERRORS.labels(operation).inc()
-                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                # Redacted before it is cut: a cut credential would no longer match.
+                failure = f"HTTP {response.status_code}: {self._redact(response.text)[:200]}"
                 if response.status_code == 429:
                     raise self._rate_limited(operation, response)
                 if response.status_code not in _RETRIED_STATUS:
