@@ -329,6 +329,7 @@ def test_rate_limiting_is_reported_as_such_and_keeps_what_was_done() -> None:
         assert world.condition("PrefectReachable")["reason"] == "RateLimited"
         assert world.condition("Ready")["reason"] == "RateLimited"
         assert "429" in world.condition("Ready")["message"]
+        assert 0.5 < world.controller.rate_limit_wait("p") <= 1.0  # the fake's Retry-After
         world.prefect.throttled_from = None
         # What the daemon does next: a reconcile from the cache, which re-lists nothing.
         events = await world.controller.reconcile("p", full=False)

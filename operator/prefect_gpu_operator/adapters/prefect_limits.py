@@ -57,8 +57,8 @@ class PrefectUnreachable(RuntimeError):
 
 
 class PrefectRateLimited(PrefectUnreachable):
-    """The API answered 429: it works, but this client must wait ``retry_after`` seconds (every
-    request through the same connection waits them out before it is sent)."""
+    """The API answered 429: it works, but asks this client to wait ``retry_after`` seconds.
+    Until then every request through the same connection is refused the same way, unsent."""
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
@@ -244,7 +244,6 @@ class PrefectLimits:
                     raise self._rate_limited(operation, response)
                 if response.status_code not in _RETRIED_STATUS:
                     break
-                self._hold(retry_after_seconds(response.headers.get("Retry-After")))
             else:
                 PREFECT_ERRORS.labels(operation).inc()
             if attempt == _RETRIES:
@@ -256,10 +255,11 @@ class PrefectLimits:
     async def _send(
         self, operation: str, method: str, path: str, body: dict[str, Any] | None
     ) -> tuple[httpx.Response | None, str]:
-        """One request, sent once the server's Retry-After has passed: its response, or why
-        there is none."""
+        """One request: its response, or why there is none. Refused unsent while a 429's
+        Retry-After lasts: the caller waits it out (holding nothing meanwhile), not this call."""
         if (wait := self._not_before - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
+            message = f"{operation} on {self.api_url}: rate limited (HTTP 429), {wait:.0f} s left"
+            raise PrefectRateLimited(f"{message} of Retry-After", wait)
         headers: dict[str, str] = {}
         if method in _CHANGES and self._csrf is not None:
             if self._csrf.expires <= datetime.datetime.now(datetime.UTC):
@@ -294,15 +294,11 @@ class PrefectLimits:
             # Renew a little early: a token that expires in flight costs a refused write.
             self._csrf = _CsrfToken(token["token"], expires - datetime.timedelta(seconds=30))
 
-    def _hold(self, seconds: float | None) -> None:
-        if seconds:
-            self._not_before = max(self._not_before, time.monotonic() + seconds)
-
     def _rate_limited(self, operation: str, response: httpx.Response) -> PrefectRateLimited:
         PREFECT_THROTTLED.labels(operation).inc()
         delay = retry_after_seconds(response.headers.get("Retry-After"))
-        delay = _RATE_LIMIT_DEFAULT_SECONDS if delay is None else delay
-        self._hold(max(delay, 0.1))  # never a tight loop, even on "Retry-After: 0"
+        delay = max(_RATE_LIMIT_DEFAULT_SECONDS if delay is None else delay, 0.1)  # never 0
+        self._not_before = max(self._not_before, time.monotonic() + delay)
         message = (
             f"{operation} on {self.api_url}: HTTP 429 Too Many Requests, "
             f"retrying in {delay:.0f} s (Retry-After)"

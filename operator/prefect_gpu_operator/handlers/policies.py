@@ -122,7 +122,8 @@ async def reconcile_policy(
         events = await controller.reconcile(name, full=full)
         _post(body, events)
         if any(e.reason == "PrefectRateLimited" for e in events):
-            # Resume from the cache at once: the client holds every call until Retry-After.
+            # Prefect asked to wait: resume from the cache once its Retry-After has passed.
+            await asyncio.sleep(controller.rate_limit_wait(name))
             full = False
             continue
         failures = failures + 1 if any(e.reason == "PrefectUnreachable" for e in events) else 0

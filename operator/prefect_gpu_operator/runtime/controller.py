@@ -114,6 +114,12 @@ class Controller:
             return min(self.settings.resync_seconds, self.settings.drain_poll_seconds)
         return self.settings.resync_seconds
 
+    def rate_limit_wait(self, name: str) -> float:
+        """Seconds until the Prefect API of the policy takes requests again (its Retry-After)."""
+        record = self.policies.get(name)
+        policy = record.policy if record is not None else None
+        return self.prefect.held_for(policy.spec.server.api_url) if policy is not None else 0.0
+
     async def keep_fence(self) -> None:
         """Read this replica's peering record once (call it several times per lifetime)."""
         if self.fence.identity is None or self.settings.peering is None:
@@ -214,6 +220,7 @@ class Controller:
         except (PrefectUnreachable, SecretNotFound) as error:
             message = str(error)
             if isinstance(error, PrefectRateLimited):  # it answers: what it said still holds
+                self.prefect.hold(spec.server.api_url, error.retry_after)
                 outcome = Outcome(generation, plan, prefect_error=message, rate_limited=True)
                 self.status.write(name, record, outcome)
                 return [*done, events.prefect_rate_limited(message)]

@@ -11,6 +11,7 @@ flight keep their newer cached value (``newest_observation``).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ class PrefectView:
         self._observed: dict[str, dict[str, ObservedLimit]] = {}
         # Per server, one set per resync listing in flight: the names written since it began.
         self._listing_watchers: dict[str, list[set[str]]] = {}
+        self._held: dict[str, float] = {}  # per server: when its Retry-After ends (monotonic)
 
     async def server(self, reference: PrefectServerReference, *, full: bool) -> LimitsApi:
         """The connection for ``reference``; the Secrets and ConfigMaps it names are read again
@@ -152,6 +154,14 @@ class PrefectView:
             )
         for written in self._listing_watchers.get(server.api_url, ()):
             written.add(change.name)
+
+    def hold(self, api_url: str, seconds: float) -> None:
+        """The server rate-limits: no reconcile of a policy writing to it for ``seconds``."""
+        self._held[api_url] = max(self._held.get(api_url, 0.0), time.monotonic() + seconds)
+
+    def held_for(self, api_url: str) -> float:
+        """Seconds left of the server's Retry-After; 0 when it takes requests."""
+        return max(0.0, self._held.get(api_url, 0.0) - time.monotonic())
 
     def forget(self, api_url: str) -> None:
         """Drop a server's cache: after an outage everything is read again."""
