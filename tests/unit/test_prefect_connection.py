@@ -65,8 +65,14 @@ def test_credentials_stay_out_of_repr() -> None:
 
 
 def test_every_form_a_credential_is_sent_in_is_known_for_redaction() -> None:
-    connection = PrefectConnection(URL, auth_string="admin:pw", headers=(("X-A", "h3ader"),))
+    connection = PrefectConnection(
+        URL,
+        auth_string="admin:pw",
+        headers=(("X-A", "h3ader"), ("X-Team", "gpu")),
+        secret_headers=frozenset({"X-A"}),
+    )
     encoded = base64.b64encode(b"admin:pw").decode()
+    # A value from a ConfigMap is no secret: masking "gpu" would mangle every limit name.
     assert set(connection.secrets()) == {"admin:pw", encoded, "h3ader"}
 
 
@@ -110,10 +116,14 @@ def test_a_reference_and_its_values_make_the_connection() -> None:
             "remoteApiUrl": "https://prefect.example",
             "basicAuth": secret,
             "caBundle": config_map,
-            "headers": [{"name": "X-Id", **config_map}],
+            "headers": [{"name": "X-Id", **config_map}, {"name": "X-Secret", **secret}],
         }
     )
-    values = dict(zip(reference.value_refs(), ["admin:pw", "PEM", "PEM"], strict=True))
+    values = dict(zip(reference.value_refs(), ["admin:pw", "PEM", "PEM", "admin:pw"], strict=True))
     assert connection_for(reference, values) == PrefectConnection(
-        URL, auth_string="admin:pw", ca_bundle="PEM", headers=(("X-Id", "PEM"),)
+        URL,
+        auth_string="admin:pw",
+        ca_bundle="PEM",
+        headers=(("X-Id", "PEM"), ("X-Secret", "admin:pw")),
+        secret_headers=frozenset({"X-Secret"}),
     )

@@ -75,10 +75,12 @@ class PrefectConnection:
     auth_string: str | None = field(default=None, repr=False)
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     ca_bundle: str | None = None  # PEM
+    secret_headers: frozenset[str] = frozenset()  # the headers whose values came from Secrets
 
     def secrets(self) -> list[str]:
         """Every value that must never appear in a message, as sent and as configured."""
-        values = [self.api_key, self.auth_string, *(value for _, value in self.headers)]
+        hidden = [value for name, value in self.headers if name in self.secret_headers]
+        values = [self.api_key, self.auth_string, *hidden]
         if self.auth_string:
             values.append(_basic(self.auth_string))
         return sorted((value for value in values if value), key=len, reverse=True)

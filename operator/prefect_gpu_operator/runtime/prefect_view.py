@@ -46,6 +46,9 @@ def connection_for(
             (header.name, values[header.value_from.ref()]) for header in reference.headers
         ),
         ca_bundle=value(reference.ca_bundle),
+        secret_headers=frozenset(
+            header.name for header in reference.headers if header.value_from.ref().kind == "Secret"
+        ),
     )
 
 
