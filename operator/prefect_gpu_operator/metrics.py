@@ -11,6 +11,7 @@ __all__ = [
     "NODE_SLOTS",
     "PREFECT_CALLS",
     "PREFECT_ERRORS",
+    "PREFECT_THROTTLED",
     "RECONCILES",
     "RECONCILE_SECONDS",
 ]
@@ -20,6 +21,11 @@ PREFECT_CALLS = Counter(
 )
 PREFECT_ERRORS = Counter(
     "prefect_gpu_operator_prefect_api_errors", "Prefect API requests that failed", ["operation"]
+)
+PREFECT_THROTTLED = Counter(
+    "prefect_gpu_operator_prefect_api_throttled",
+    "Prefect API requests refused with 429 Too Many Requests (rate limiting)",
+    ["operation"],
 )
 RECONCILES = Counter(
     "prefect_gpu_operator_reconciles", "Policy reconciliations", ["policy", "trigger"]

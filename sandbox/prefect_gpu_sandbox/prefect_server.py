@@ -42,6 +42,8 @@ class PrefectServer(Service):
     home: Path
     database_url: str | None = None  # None: SQLite in ``home``
     port: int = field(default_factory=free_port)
+    # More server settings, e.g. PREFECT_SERVER_API_AUTH_STRING or CSRF protection.
+    settings: dict[str, str] = field(default_factory=dict)
     process: ServerProcess | None = None
 
     @property
@@ -56,6 +58,7 @@ class PrefectServer(Service):
             if not key.startswith("PREFECT_")  # a caller's profile must not leak into the server
         }
         env.update(server_environment(self.home, self.database_url))
+        env.update(self.settings)
         prefect = Path(sys.executable).with_name("prefect")
         self.process = ServerProcess(
             "prefect-server",

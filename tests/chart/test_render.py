@@ -80,6 +80,13 @@ def test_every_webhook_calls_the_handlers_path(rendered: dict[str, list[dict[str
         (["--set", "webhook.timeoutSeconds=30"], "at '/webhook/timeoutSeconds': maximum"),
         (["--set", "operator.logFormat=xml"], "at '/operator/logFormat'"),
         (["--set", "inferenceWorker.prefectApiUrl=ftp://x"], "at '/inferenceWorker/prefectApiUrl'"),
+        (["--set", "operator.extraEnv[0].value=x"], "at '/operator/extraEnv/0'"),
+        (
+            ["--set", "operator.extraEnv[0].name=A,operator.extraEnv[0].valueFrom.typo.key=k"],
+            "at '/operator/extraEnv/0/valueFrom'",
+        ),
+        (["--set", "operator.extraVolumeMounts[0].name=ca"], "at '/operator/extraVolumeMounts/0'"),
+        (["--set", "operator.extraVolumes[0].name=ca"], "at '/operator/extraVolumes/0'"),
     ],
 )
 def test_invalid_values_fail_with_the_schema_message(values: list[str], message: str) -> None:
@@ -129,3 +136,20 @@ def test_readiness_waits_for_the_webhook_port() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_extra_env_and_volumes_reach_the_operator_container() -> None:
+    """A Prefect API behind an HTTPS proxy and a private CA: the chart's extension points."""
+    extra = VALUE_SETS["behind-a-proxy"]["operator"]
+    docs = render_chart(NAMESPACE, VALUE_SETS["behind-a-proxy"], release=RELEASE)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["env"][-len(extra["extraEnv"]) :] == extra["extraEnv"]
+    assert container["envFrom"] == extra["extraEnvFrom"]
+    assert container["volumeMounts"][-1] == extra["extraVolumeMounts"][0]
+    assert pod["volumes"][-1] == extra["extraVolumes"][0]
+    (plain,) = [
+        d for d in render_chart(NAMESPACE, {}, release=RELEASE) if d["kind"] == "Deployment"
+    ]
+    assert "envFrom" not in plain["spec"]["template"]["spec"]["containers"][0]

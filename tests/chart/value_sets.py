@@ -50,6 +50,48 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "prefectApiUrl": PREFECT_API,
         },
     },
+    # A Prefect API behind an HTTPS proxy and a private CA (README "GPULimitPolicy"), and a
+    # self-hosted server with basic auth, a CA bundle and access headers.
+    "behind-a-proxy": {
+        "operator": {
+            "extraEnv": [
+                {"name": "HTTPS_PROXY", "value": "http://proxy.internal:3128"},
+                {"name": "NO_PROXY", "value": ".svc,.cluster.local"},
+                {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca.crt"},
+                {
+                    "name": "PROXY_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "token"}},
+                },
+            ],
+            "extraEnvFrom": [{"configMapRef": {"name": "proxy-settings"}}],
+            "extraVolumes": [{"name": "corp-ca", "configMap": {"name": "corp-ca"}}],
+            "extraVolumeMounts": [
+                {"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": True}
+            ],
+        },
+        "defaultPolicy": {
+            "enabled": True,
+            "spec": {
+                "server": {
+                    "remoteApiUrl": "https://prefect.internal.example/api",
+                    "basicAuth": {
+                        "valueFrom": {
+                            "secretKeyRef": {"name": "prefect-basic-auth", "key": "auth-string"}
+                        }
+                    },
+                    "caBundle": {
+                        "valueFrom": {"configMapKeyRef": {"name": "prefect-ca", "key": "ca.crt"}}
+                    },
+                    "headers": [
+                        {
+                            "name": "CF-Access-Client-Secret",
+                            "valueFrom": {"secretKeyRef": {"name": "cf-access", "key": "secret"}},
+                        }
+                    ],
+                }
+            },
+        },
+    },
     # Every free-form value filled, so each lands where its kind's schema accepts it.
     "everything-set": {
         "fullnameOverride": "gpu-operator",

@@ -216,6 +216,11 @@ def test_rbac_is_least_privilege(installed: str, run: Run) -> None:
     assert _can_i(run, "get", "secrets")
     assert not _can_i(run, "get", "secrets", namespace="default")
     assert not _can_i(run, "list", "secrets")
+    # ConfigMaps a policy names (a CA bundle, header values): get, in its namespace only.
+    assert _can_i(run, "get", "configmaps")
+    assert not _can_i(run, "get", "configmaps", namespace="default")
+    assert not _can_i(run, "list", "configmaps")
+    assert not _can_i(run, "update", "configmaps")
     assert not _can_i(run, "create", "pods")
     assert not _can_i(run, "patch", "pods")
     assert not _can_i(run, "patch", "mutatingwebhookconfigurations")

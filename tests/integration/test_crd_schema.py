@@ -12,7 +12,12 @@ import pytest
 from pydantic import ValidationError
 
 from prefect_gpu_operator.api.crd import CRD_FILE
-from prefect_gpu_operator.api.policy import GROUP, PLURAL, GPULimitPolicySpec
+from prefect_gpu_operator.api.policy import (
+    GROUP,
+    PLURAL,
+    GPULimitPolicySpec,
+    PrefectServerReference,
+)
 from prefect_gpu_sandbox.tools import tools_bin
 from prefect_gpu_sandbox.waiting import eventually
 
@@ -21,6 +26,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 LABEL = "prefectgpu.io/test=crd-schema"
 REMOTE = {"remoteApiUrl": "http://prefect.prefect.svc:4200/api"}
+SECRET = {"valueFrom": {"secretKeyRef": {"name": "prefect-basic-auth", "key": "auth-string"}}}
+CONFIG_MAP = {"valueFrom": {"configMapKeyRef": {"name": "prefect-ca", "key": "ca.crt"}}}
 T = TypeVar("T")
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -102,6 +109,16 @@ def test_explain_shows_descriptions(kubectl: Kubectl) -> None:
     key = kubectl("explain", "glp.spec.server.apiKey.valueFrom")
     assert "secretKeyRef" in key.stdout
     assert "value " not in _flat(key.stdout).replace("valueFrom", "")
+    server = _flat(kubectl("explain", "glp.spec.server").stdout)
+    for name, field in PrefectServerReference.model_fields.items():
+        assert field.description is not None
+        assert _flat(field.description) in server, f"server.{field.alias or name} undocumented"
+    auth = _flat(kubectl("explain", "glp.spec.server.basicAuth.valueFrom").stdout)
+    assert "secretKeyRef" in auth
+    assert "configMapKeyRef" not in auth
+    header = _flat(kubectl("explain", "glp.spec.server.headers.valueFrom").stdout)
+    assert "secretKeyRef" in header
+    assert "configMapKeyRef" in header
 
 
 @pytest.mark.usefixtures("crd")
@@ -155,6 +172,29 @@ def test_full_policy_round_trips(kubectl: Kubectl) -> None:
     assert stored == spec
     parsed = GPULimitPolicySpec.model_validate(stored)
     assert parsed.model_dump(by_alias=True, mode="json", exclude_defaults=True) == spec
+
+
+@pytest.mark.usefixtures("crd")
+def test_self_hosted_server_behind_a_gateway_round_trips(kubectl: Kubectl) -> None:
+    spec = {
+        "server": {
+            "remoteApiUrl": "https://prefect.internal.example/api",
+            "basicAuth": SECRET,
+            "caBundle": CONFIG_MAP,
+            "headers": [
+                {"name": "CF-Access-Client-Id", **CONFIG_MAP},
+                {"name": "CF-Access-Client-Secret", **SECRET},
+            ],
+        },
+    }
+    applied = kubectl("apply", "-f", "-", stdin=manifest("gateway", spec))
+    assert applied.returncode == 0, applied.stderr
+    stored = json.loads(kubectl("get", "glp", "gateway", "-o", "json").stdout)["spec"]
+    assert stored["server"] == spec["server"]
+    parsed = GPULimitPolicySpec.model_validate(stored)
+    assert (
+        parsed.model_dump(by_alias=True, mode="json", exclude_none=True)["server"] == spec["server"]
+    )
 
 
 # (id, spec, what kubectl must say). Each is also rejected by the pydantic model.
@@ -236,6 +276,68 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("no-resources", {"server": REMOTE, "resources": []}, "should have at least 1 items"),
     ("unprefixed-resource", {"server": REMOTE, "resources": ["gpu"]}, "spec.resources[0]"),
     ("negative-decay", {"server": REMOTE, "slotDecayPerSecond": -1}, "greater than or equal to 0"),
+    (
+        "api-key-and-basic-auth",
+        {"server": {**REMOTE, "apiKey": SECRET, "basicAuth": SECRET}},
+        "apiKey and basicAuth are mutually exclusive",
+    ),
+    (
+        "basic-auth-on-cloud",
+        {
+            "server": {
+                "remoteApiUrl": "https://api.prefect.cloud/api",
+                "accountId": "a",
+                "workspaceId": "w",
+                "basicAuth": SECRET,
+            }
+        },
+        "basicAuth is for self-hosted servers",
+    ),
+    (
+        "literal-auth-string",
+        {"server": {**REMOTE, "basicAuth": {"value": "admin:pass"}}},
+        'unknown field "spec.server.basicAuth.value"',
+    ),
+    (
+        "auth-string-from-a-config-map",
+        {"server": {**REMOTE, "basicAuth": CONFIG_MAP}},
+        'unknown field "spec.server.basicAuth.valueFrom.configMapKeyRef"',
+    ),
+    (
+        "ca-bundle-from-nowhere",
+        {"server": {**REMOTE, "caBundle": {"valueFrom": {}}}},
+        "set exactly one of secretKeyRef or configMapKeyRef",
+    ),
+    (
+        "literal-header",
+        {"server": {**REMOTE, "headers": [{"name": "X-Token", "value": "t0ken"}]}},
+        'unknown field "spec.server.headers[0].value"',
+    ),
+    (
+        "bad-header-name",
+        {"server": {**REMOTE, "headers": [{"name": "X Token", **SECRET}]}},
+        "spec.server.headers[0].name",
+    ),
+    (
+        "duplicate-headers",
+        {"server": {**REMOTE, "headers": [{"name": "X-A", **SECRET}, {"name": "x-a", **SECRET}]}},
+        "header names must be unique (case-insensitive)",
+    ),
+    (
+        "reserved-header",
+        {"server": {**REMOTE, "headers": [{"name": "Prefect-Csrf-Token", **SECRET}]}},
+        "the client sets this header itself",
+    ),
+    (
+        "authorization-twice",
+        {"server": {**REMOTE, "apiKey": SECRET, "headers": [{"name": "Authorization", **SECRET}]}},
+        "an Authorization header conflicts with apiKey or basicAuth",
+    ),
+    (
+        "too-many-headers",
+        {"server": {**REMOTE, "headers": [{"name": f"X-{i}", **SECRET} for i in range(17)]}},
+        "must have at most 16 items",
+    ),
 ]
 
 

@@ -12,7 +12,11 @@ from dataclasses import replace
 from typing import Any
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound, StatusNotWritten, gpu_node
-from prefect_gpu_operator.adapters.prefect_limits import PrefectUnreachable
+from prefect_gpu_operator.adapters.prefect_limits import (
+    PrefectConnection,
+    PrefectRateLimited,
+    PrefectUnreachable,
+)
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
 
@@ -26,7 +30,8 @@ class Journal(list[str]):
 
 class FakePrefect:
     """One Prefect API's global concurrency limits. ``down`` makes every call fail the way an
-    unreachable server does; ``calls`` counts calls by operation."""
+    unreachable server does; from call number ``throttled_from`` on, every call is refused
+    with a 429; ``calls`` counts calls by operation."""
 
     def __init__(self, journal: Journal, api_url: str = "http://prefect.test/api") -> None:
         self.api_url = api_url
@@ -34,12 +39,13 @@ class FakePrefect:
         self.limits: dict[str, ObservedLimit] = {}
         self.calls: collections.Counter[str] = collections.Counter()
         self.down = False
-        self.api_keys: list[str | None] = []  # the key of every connection opened
+        self.throttled_from: int | None = None
+        self.connections: list[PrefectConnection] = []  # every connection opened
 
-    def connect(self, api_url: str, api_key: str | None, *, timeout: float) -> FakePrefect:
+    def connect(self, connection: PrefectConnection, *, timeout: float) -> FakePrefect:
         """The runtime's ``ConnectPrefect``: every connection reaches this one server."""
-        assert api_url == self.api_url
-        self.api_keys.append(api_key)
+        assert connection.api_url == self.api_url
+        self.connections.append(connection)
         return self
 
     def writes(self) -> int:
@@ -50,6 +56,8 @@ class FakePrefect:
         self.journal.append(f"prefect {operation} {name}".rstrip())
         if self.down:
             raise PrefectUnreachable(f"{operation} on {self.api_url}: ConnectError")
+        if self.throttled_from is not None and self.calls.total() >= self.throttled_from:
+            raise PrefectRateLimited(f"{operation} on {self.api_url}: HTTP 429", 1.0)
 
     async def list_all(self) -> dict[str, ObservedLimit]:
         self._call("list")
@@ -83,15 +91,17 @@ class FakePrefect:
 
 
 class FakeKube:
-    """Nodes to list, Secrets to read, and the policy status patches the API server received.
-    ``refuse_status`` makes status writes fail (as a 5xx or a conflict would)."""
+    """Nodes to list, Secrets and ConfigMaps to read, and the policy status patches the API
+    server received. ``refuse_status`` makes status writes fail (as a 5xx or a conflict would)."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self.nodes: dict[str, dict[str, Any]] = {}  # Node objects by name, as the API has them
         self.secrets: dict[tuple[str, str, str], str] = {}  # (namespace, name, key) -> value
+        self.config_maps: dict[tuple[str, str, str], str] = {}  # (namespace, name, key) -> value
         self.patches: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         self.secret_reads = 0
+        self.config_map_reads = 0
         self.refuse_status = False
         self.while_listing: Callable[[], object] | None = None  # a watch event mid-listing
         self.peering: dict[str, Any] = {}  # the ClusterKopfPeering object
@@ -116,6 +126,13 @@ class FakeKube:
             return self.secrets[namespace, name, key]
         except KeyError:
             raise SecretNotFound(f"Secret {namespace}/{name} not found") from None
+
+    async def read_config_map_key(self, namespace: str, name: str, key: str) -> str:
+        self.config_map_reads += 1
+        try:
+            return self.config_maps[namespace, name, key]
+        except KeyError:
+            raise SecretNotFound(f"ConfigMap {namespace}/{name} not found") from None
 
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
         limits = ",".join(entry["name"] for entry in status.get("limits") or [])

@@ -102,8 +102,8 @@ class OperatorProcess:
 class PrefectLimitsReader:
     """Reads and edits global concurrency limits through Prefect's REST API, as a user would."""
 
-    def __init__(self, api_url: str) -> None:
-        self.http = httpx.Client(base_url=api_url, timeout=10)
+    def __init__(self, api_url: str, *, headers: Mapping[str, str] | None = None) -> None:
+        self.http = httpx.Client(base_url=api_url, timeout=10, headers=dict(headers or {}))
 
     def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
         # A SQLite server answers 503 "database is locked" when writes collide: retry those.

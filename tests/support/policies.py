@@ -86,6 +86,16 @@ class Policies:
         )
         return [event.reason or "" for event in found.items]
 
+    def event_messages(self, name: str) -> dict[str, list[str]]:
+        """Messages of the Events on the policy, by reason."""
+        found = self.core.list_event_for_all_namespaces(
+            field_selector=f"involvedObject.name={name},involvedObject.kind=GPULimitPolicy"
+        )
+        messages: dict[str, list[str]] = {}
+        for event in found.items:
+            messages.setdefault(event.reason or "", []).append(event.message or "")
+        return messages
+
     def delete_all(self) -> None:
         for name in list(self.created):
             self.delete(name)

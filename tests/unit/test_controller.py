@@ -248,7 +248,100 @@ def test_the_api_key_is_read_on_full_reconciles_and_sent() -> None:
         assert world.kube.secret_reads == reads + 1
 
     world = run(scenario, namespace="ops")
-    assert set(world.prefect.api_keys) == {"pnu_secret"}
+    assert {connection.api_key for connection in world.prefect.connections} == {"pnu_secret"}
+
+
+def test_every_referenced_value_is_read_on_full_reconciles_only() -> None:
+    def from_secret(name: str, key: str) -> dict[str, Any]:
+        return {"valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+
+    def from_config_map(name: str, key: str) -> dict[str, Any]:
+        return {"valueFrom": {"configMapKeyRef": {"name": name, "key": key}}}
+
+    server = {
+        "remoteApiUrl": API_URL,
+        "basicAuth": from_secret("prefect-auth", "auth-string"),
+        "caBundle": from_config_map("prefect-ca", "ca.crt"),
+        "headers": [
+            {"name": "CF-Access-Client-Id", **from_config_map("access", "id")},
+            {"name": "CF-Access-Client-Secret", **from_secret("access", "secret")},
+        ],
+    }
+
+    async def scenario(world: World) -> None:
+        world.kube.secrets["ops", "prefect-auth", "auth-string"] = "admin:first"
+        world.kube.secrets["ops", "access", "secret"] = "s3cret"
+        world.kube.config_maps["ops", "prefect-ca", "ca.crt"] = "PEM"
+        world.kube.config_maps["ops", "access", "id"] = "client.access"
+        world.node("a", 4)
+        world.controller.observe_policy(policy(server=server))
+        await world.controller.reconcile("p", full=True)
+        reads = (world.kube.secret_reads, world.kube.config_map_reads)
+        world.kube.secrets["ops", "prefect-auth", "auth-string"] = "admin:rotated"
+        world.node("a", 2)
+        await world.controller.reconcile("p", full=False)
+        assert (world.kube.secret_reads, world.kube.config_map_reads) == reads
+        assert len(world.prefect.connections) == 1  # a node change keeps the connection
+        await world.controller.reconcile("p", full=True)  # two of each kind, once
+        assert (world.kube.secret_reads, world.kube.config_map_reads) == (
+            reads[0] + 2,
+            reads[1] + 2,
+        )
+
+    world = run(scenario, namespace="ops")
+    first, rotated = world.prefect.connections
+    assert first.auth_string == "admin:first"
+    assert rotated.auth_string == "admin:rotated"
+    assert rotated.api_key is None
+    assert rotated.ca_bundle == "PEM"
+    assert rotated.headers == (
+        ("CF-Access-Client-Id", "client.access"),
+        ("CF-Access-Client-Secret", "s3cret"),
+    )
+    assert world.prefect.limits["gpu:a"].limit == 2
+
+
+def test_a_missing_config_map_is_reported_and_nothing_is_written() -> None:
+    ca = {"caBundle": {"valueFrom": {"configMapKeyRef": {"name": "absent", "key": "ca.crt"}}}}
+
+    async def scenario(world: World) -> None:
+        world.node("a", 4)
+        world.controller.observe_policy(policy(server={"remoteApiUrl": API_URL, **ca}))
+        events = await world.controller.reconcile("p", full=True)
+        assert [(e.reason, e.message) for e in events] == [
+            ("PrefectUnreachable", "ConfigMap prefect-gpu-operator/absent not found")
+        ]
+
+    world = run(scenario)
+    assert world.prefect.calls == {}
+
+
+def test_rate_limiting_is_reported_as_such_and_keeps_what_was_done() -> None:
+    async def scenario(world: World) -> None:
+        for name in "abcde":
+            world.node(name, 1)
+        world.controller.observe_policy(policy())
+        world.prefect.throttled_from = 4  # the listing and two creates pass, then 429s
+        events = await world.controller.reconcile("p", full=True)
+        assert [e.reason for e in events] == ["LimitCreated", "LimitCreated", "PrefectRateLimited"]
+        await world.settled()
+        assert world.condition("PrefectReachable")["status"] == "True"
+        assert world.condition("PrefectReachable")["reason"] == "RateLimited"
+        assert world.condition("Ready")["reason"] == "RateLimited"
+        assert "429" in world.condition("Ready")["message"]
+        assert 0.5 < world.controller.rate_limit_wait("p") <= 1.0  # the fake's Retry-After
+        world.prefect.throttled_from = None
+        # What the daemon does next: a reconcile from the cache, which re-lists nothing.
+        events = await world.controller.reconcile("p", full=False)
+        assert [e.reason for e in events] == ["LimitCreated"] * 3
+        await world.settled()
+
+    world = run(scenario)
+    assert world.prefect.calls["list"] == 1
+    assert world.prefect.calls["create"] == 6  # five limits, one of them refused once
+    assert sorted(world.prefect.limits) == ["gpu:a", "gpu:b", "gpu:c", "gpu:d", "gpu:e"]
+    assert world.condition("Ready")["status"] == "True"
+    assert world.condition("PrefectReachable")["reason"] == "Connected"
 
 
 def test_a_missing_secret_is_reported_like_an_unreachable_server() -> None:

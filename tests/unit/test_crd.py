@@ -96,6 +96,9 @@ def test_every_model_is_checked() -> None:
     paths = {path for path, _, _ in MODEL_SCHEMAS}
     assert {
         "spec.server.apiKey.valueFrom.secretKeyRef",
+        "spec.server.basicAuth.valueFrom.secretKeyRef",
+        "spec.server.caBundle.valueFrom.configMapKeyRef",
+        "spec.server.headers[].valueFrom.secretKeyRef",
         "spec.nodeSelector.matchExpressions[]",
         "status.conditions[]",
         "status.limits[]",
@@ -183,6 +186,12 @@ def test_selector_operators_match_model() -> None:
         (("server",), "has(self.remoteApiUrl) != has(self.name)"),
         (("server",), "has(self.name) == has(self.namespace)"),
         (("server",), "has(self.accountId) == has(self.workspaceId)"),
+        (("server",), "!(has(self.apiKey) && has(self.basicAuth))"),
+        (("server",), "!(has(self.basicAuth) && has(self.accountId))"),
+        (
+            ("server", "caBundle", "valueFrom"),
+            "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+        ),
         (("limitNameTemplate",), "self.contains('{node}')"),
         (("limitNameTemplate",), "!self.matches('[/%&><]')"),
     ],
@@ -194,8 +203,20 @@ def test_cel_rules(path: tuple[str, ...], fragment: str) -> None:
     assert fragment in [rule["rule"] for rule in node["x-kubernetes-validations"]]
 
 
-def test_api_key_only_from_a_secret() -> None:
-    api_key = _root()["properties"]["spec"]["properties"]["server"]["properties"]["apiKey"]
-    assert set(api_key["properties"]) == {"valueFrom"}
-    assert api_key["required"] == ["valueFrom"]
-    assert set(api_key["properties"]["valueFrom"]["properties"]) == {"secretKeyRef"}
+@pytest.mark.parametrize("credential", ["apiKey", "basicAuth"])
+def test_credentials_only_from_a_secret(credential: str) -> None:
+    server = _root()["properties"]["spec"]["properties"]["server"]["properties"]
+    source = server[credential]
+    assert set(source["properties"]) == {"valueFrom"}
+    assert source["required"] == ["valueFrom"]
+    assert set(source["properties"]["valueFrom"]["properties"]) == {"secretKeyRef"}
+
+
+def test_headers_have_no_literal_value_and_unique_names() -> None:
+    server = _root()["properties"]["spec"]["properties"]["server"]
+    headers = server["properties"]["headers"]
+    assert set(headers["items"]["properties"]) == {"name", "valueFrom"}
+    assert "exists_one" in headers["x-kubernetes-validations"][0]["rule"]
+    assert headers["maxItems"] == 16
+    rules = [rule["rule"] for rule in server["x-kubernetes-validations"]]
+    assert any("'authorization'" in rule for rule in rules)

@@ -12,9 +12,12 @@ from prefect_gpu_operator.api.policy import (
     GPULimitPolicyStatus,
     LabelSelector,
     PrefectServerReference,
+    ValueRef,
 )
 
 REMOTE = {"remoteApiUrl": "http://prefect.example:4200/api"}
+SECRET = {"valueFrom": {"secretKeyRef": {"name": "prefect", "key": "auth-string"}}}
+CONFIG_MAP = {"valueFrom": {"configMapKeyRef": {"name": "prefect-ca", "key": "ca.crt"}}}
 
 
 def spec(**fields: Any) -> GPULimitPolicySpec:
@@ -38,6 +41,8 @@ def test_round_trip_uses_kubernetes_field_names() -> None:
             "accountId": "acc",
             "workspaceId": "ws",
             "apiKey": {"valueFrom": {"secretKeyRef": {"name": "prefect", "key": "api-key"}}},
+            "caBundle": CONFIG_MAP,
+            "headers": [{"name": "CF-Access-Client-Id", **CONFIG_MAP}],
         },
         "nodeSelector": {
             "matchLabels": {"pool": "gpu"},
@@ -104,6 +109,30 @@ def test_invalid_spec_is_rejected(fields: dict[str, Any], message: str) -> None:
         ({"remoteApiUrl": "prefect:4200"}, "pattern"),
         ({**REMOTE, "apiKey": {"value": "pnu_secret"}}, "Extra inputs"),
         ({**REMOTE, "apiKey": {"valueFrom": {"secretKeyRef": {"name": "s"}}}}, "key"),
+        ({**REMOTE, "apiKey": SECRET, "basicAuth": SECRET}, "mutually exclusive"),
+        (
+            {**REMOTE, "accountId": "a", "workspaceId": "w", "basicAuth": SECRET},
+            "Prefect Cloud takes apiKey",
+        ),
+        ({**REMOTE, "basicAuth": {"value": "admin:pass"}}, "Extra inputs"),
+        ({**REMOTE, "basicAuth": {"valueFrom": CONFIG_MAP["valueFrom"]}}, "secretKeyRef"),
+        ({**REMOTE, "caBundle": {"valueFrom": {}}}, "exactly one of secretKeyRef"),
+        (
+            {
+                **REMOTE,
+                "caBundle": {"valueFrom": {**SECRET["valueFrom"], **CONFIG_MAP["valueFrom"]}},
+            },
+            "exactly one of secretKeyRef",
+        ),
+        ({**REMOTE, "headers": [{"name": "X-Team", "value": "gpu"}]}, "Extra inputs"),
+        ({**REMOTE, "headers": [{"name": "Bad Name", **SECRET}]}, "pattern"),
+        ({**REMOTE, "headers": [{"name": "X-A", **SECRET}, {"name": "x-a", **SECRET}]}, "unique"),
+        ({**REMOTE, "headers": [{"name": "Prefect-Csrf-Token", **SECRET}]}, "sets itself"),
+        (
+            {**REMOTE, "apiKey": SECRET, "headers": [{"name": "authorization", **SECRET}]},
+            "Authorization header conflicts",
+        ),
+        ({**REMOTE, "headers": [{"name": f"X-{i}", **SECRET} for i in range(17)]}, "at most 16"),
     ],
 )
 def test_invalid_server_is_rejected(server: dict[str, Any], message: str) -> None:
@@ -129,6 +158,31 @@ def test_invalid_server_is_rejected(server: dict[str, Any], message: str) -> Non
 )
 def test_api_url(server: dict[str, Any], url: str) -> None:
     assert PrefectServerReference.model_validate(server).api_url == url
+
+
+def test_a_bearer_header_of_ones_own_is_allowed_without_api_key_or_basic_auth() -> None:
+    """Identity-Aware Proxy takes its OIDC token as Authorization: Bearer."""
+    header = {"name": "Authorization", **SECRET}
+    server = PrefectServerReference.model_validate({**REMOTE, "headers": [header]})
+    assert server.headers[0].name == "Authorization"
+
+
+def test_value_refs_name_every_secret_and_config_map_key() -> None:
+    server = PrefectServerReference.model_validate(
+        {
+            **REMOTE,
+            "basicAuth": SECRET,
+            "caBundle": CONFIG_MAP,
+            "headers": [{"name": "X-Id", **CONFIG_MAP}, {"name": "X-Secret", **SECRET}],
+        }
+    )
+    assert server.value_refs() == [
+        ValueRef("Secret", "prefect", "auth-string"),
+        ValueRef("ConfigMap", "prefect-ca", "ca.crt"),
+        ValueRef("ConfigMap", "prefect-ca", "ca.crt"),
+        ValueRef("Secret", "prefect", "auth-string"),
+    ]
+    assert PrefectServerReference.model_validate(REMOTE).value_refs() == []
 
 
 @pytest.mark.parametrize(

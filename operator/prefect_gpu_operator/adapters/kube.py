@@ -1,4 +1,5 @@
-"""The operator's door to Kubernetes besides kopf's watches: status patches, Secrets, node lists.
+"""The operator's door to Kubernetes besides kopf's watches: status patches, Secrets and
+ConfigMaps, node lists.
 
 The official client is synchronous; calls run in a worker thread so the event loop stays free.
 """
@@ -32,11 +33,21 @@ NODE_PAGE_SIZE = 500
 
 
 class SecretNotFound(LookupError):
-    """The API-key Secret (or its key) a policy references does not exist."""
+    """A Secret or ConfigMap (or its key) that a policy references does not exist."""
 
 
 class StatusNotWritten(RuntimeError):
     """The API server refused or failed a policy status write (worth retrying later)."""
+
+
+def _not_readable(error: ApiException, what: str) -> Exception:
+    """A policy's reference that cannot be read, as the policy's problem (reported in its
+    status) when it is missing or forbidden; anything else is the API server's."""
+    if error.status == 404:
+        return SecretNotFound(f"{what} not found")
+    if error.status == 403:
+        return SecretNotFound(f"{what} cannot be read: forbidden (RBAC)")
+    return error
 
 
 def gpu_node(body: Mapping[str, Any]) -> GPUNode:
@@ -68,7 +79,7 @@ def api_client() -> client.ApiClient:
 
 
 class Kube:
-    """Reads nodes and Secrets, writes policy status (the runtime's ``KubeApi``)."""
+    """Reads nodes, Secrets and ConfigMaps, writes policy status (the runtime's ``KubeApi``)."""
 
     def __init__(self, api: client.ApiClient | None = None) -> None:
         self.api = api or api_client()
@@ -100,13 +111,26 @@ class Kube:
         try:
             secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
         except ApiException as error:
-            if error.status == 404:
-                raise SecretNotFound(f"Secret {namespace}/{name} not found") from None
-            raise
+            raise _not_readable(error, f"Secret {namespace}/{name}") from None
         data = secret.data or {}
         if key not in data:
             raise SecretNotFound(f"Secret {namespace}/{name} has no key {key!r}")
         return base64.b64decode(data[key]).decode().strip()
+
+    async def read_config_map_key(self, namespace: str, name: str, key: str) -> str:
+        """One key of a ConfigMap (``data``, or ``binaryData`` decoded)."""
+        try:
+            config_map = await asyncio.to_thread(
+                self.core.read_namespaced_config_map, name, namespace
+            )
+        except ApiException as error:
+            raise _not_readable(error, f"ConfigMap {namespace}/{name}") from None
+        data, binary = config_map.data or {}, config_map.binary_data or {}
+        if key in data:
+            return str(data[key]).strip()
+        if key in binary:
+            return base64.b64decode(binary[key]).decode().strip()
+        raise SecretNotFound(f"ConfigMap {namespace}/{name} has no key {key!r}")
 
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
         try:

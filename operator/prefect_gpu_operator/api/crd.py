@@ -20,23 +20,31 @@ from prefect_gpu_operator.api.limit_names import FORBIDDEN_NAME_CHARACTERS, NODE
 from prefect_gpu_operator.api.policy import (
     DNS_LABEL_PATTERN,
     GROUP,
+    HEADER_NAME_PATTERN,
     KIND,
+    MAX_HEADERS,
     PLURAL,
+    RESERVED_HEADERS,
     RESOURCE_NAME_PATTERN,
     SHORT_NAME,
     SINGULAR,
     URL_PATTERN,
     VERSION,
     ApiKeySource,
+    BasicAuthSource,
+    CaBundleSource,
     Condition,
+    ConfigMapKeySelector,
     GPULimitPolicySpec,
     GPULimitPolicyStatus,
+    HeaderSource,
     LabelSelector,
     LabelSelectorRequirement,
     LimitEntry,
     PrefectServerReference,
     SecretKeySelector,
     SecretValueSource,
+    ValueSource,
     WorkerNode,
 )
 
@@ -94,28 +102,83 @@ def _string(**constraints: Any) -> Schema:
     return {"type": "string", **constraints}
 
 
-def _server_schema() -> Schema:
-    secret_key_ref = _object(
-        SecretKeySelector,
+def _key_selector(model: type[BaseModel]) -> Schema:
+    return _object(
+        model,
         {"name": _string(minLength=1, maxLength=253), "key": _string(minLength=1, maxLength=253)},
         required=["name", "key"],
     )
-    api_key = _object(
-        ApiKeySource,
-        {
-            "valueFrom": _object(
-                SecretValueSource, {"secretKeyRef": secret_key_ref}, required=["secretKeyRef"]
-            )
-        },
-        required=["valueFrom"],
+
+
+def _from_secret(model: type[BaseModel]) -> Schema:
+    """``valueFrom.secretKeyRef`` only: for credentials, which never come from a ConfigMap."""
+    value_from = _object(
+        SecretValueSource,
+        {"secretKeyRef": _key_selector(SecretKeySelector)},
+        required=["secretKeyRef"],
     )
+    return _object(model, {"valueFrom": value_from}, required=["valueFrom"])
+
+
+def _value_source() -> Schema:
+    return _object(
+        ValueSource,
+        {
+            "secretKeyRef": _key_selector(SecretKeySelector),
+            "configMapKeyRef": _key_selector(ConfigMapKeySelector),
+        },
+        rules=[
+            _rule(
+                "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+                "set exactly one of secretKeyRef or configMapKeyRef",
+            )
+        ],
+    )
+
+
+def _headers_schema() -> Schema:
+    reserved = ", ".join(f"'{name}'" for name in RESERVED_HEADERS)
+    header = _object(
+        HeaderSource,
+        {
+            "name": _string(pattern=HEADER_NAME_PATTERN, maxLength=128),
+            "valueFrom": _value_source(),
+        },
+        required=["name", "valueFrom"],
+        rules=[
+            _rule(
+                f"!(self.name.lowerAscii() in [{reserved}])",
+                f"the client sets this header itself ({', '.join(RESERVED_HEADERS)})",
+            )
+        ],
+    )
+    return {
+        "type": "array",
+        "items": header,
+        "maxItems": MAX_HEADERS,
+        "x-kubernetes-list-type": "atomic",
+        "x-kubernetes-validations": [
+            _rule(
+                "self.all(h, self.exists_one(o, o.name.lowerAscii() == h.name.lowerAscii()))",
+                "header names must be unique (case-insensitive)",
+            )
+        ],
+    }
+
+
+def _server_schema() -> Schema:
     return _object(
         PrefectServerReference,
         {
             "remoteApiUrl": _string(pattern=URL_PATTERN, maxLength=2048),
             "accountId": _string(minLength=1, maxLength=64),
             "workspaceId": _string(minLength=1, maxLength=64),
-            "apiKey": api_key,
+            "apiKey": _from_secret(ApiKeySource),
+            "basicAuth": _from_secret(BasicAuthSource),
+            "caBundle": _object(
+                CaBundleSource, {"valueFrom": _value_source()}, required=["valueFrom"]
+            ),
+            "headers": _headers_schema(),
             "name": _string(pattern=DNS_LABEL_PATTERN, maxLength=63),
             "namespace": _string(pattern=DNS_LABEL_PATTERN, maxLength=63),
         },
@@ -133,6 +196,19 @@ def _server_schema() -> Schema:
             _rule(
                 "!has(self.accountId) || has(self.remoteApiUrl)",
                 "accountId and workspaceId need remoteApiUrl (Prefect Cloud)",
+            ),
+            _rule(
+                "!(has(self.apiKey) && has(self.basicAuth))",
+                "apiKey and basicAuth are mutually exclusive",
+            ),
+            _rule(
+                "!(has(self.basicAuth) && has(self.accountId))",
+                "basicAuth is for self-hosted servers: Prefect Cloud takes apiKey",
+            ),
+            _rule(
+                "!has(self.headers) || !(has(self.apiKey) || has(self.basicAuth)) || "
+                "self.headers.all(h, h.name.lowerAscii() != 'authorization')",
+                "an Authorization header conflicts with apiKey or basicAuth",
             ),
         ],
     )

@@ -8,7 +8,7 @@ the CRD's OpenAPI schema, and tests keep the two field sets identical.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -22,15 +22,21 @@ __all__ = [
     "PLURAL",
     "VERSION",
     "ApiKeySource",
+    "BasicAuthSource",
+    "CaBundleSource",
     "Condition",
+    "ConfigMapKeySelector",
     "GPULimitPolicySpec",
     "GPULimitPolicyStatus",
+    "HeaderSource",
     "LabelSelector",
     "LabelSelectorRequirement",
     "LimitEntry",
     "PrefectServerReference",
     "SecretKeySelector",
     "SecretValueSource",
+    "ValueRef",
+    "ValueSource",
     "WorkerNode",
 ]
 
@@ -49,6 +55,19 @@ URL_PATTERN = r"^https?://\S+$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # An extended resource name is domain-prefixed: vendor.example/resource.
 RESOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# An HTTP header name is an RFC 9110 token.
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+# Headers the operator's client sets itself (lower case): a policy cannot replace them.
+RESERVED_HEADERS = (
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "prefect-csrf-client",
+    "prefect-csrf-token",
+    "transfer-encoding",
+)
+MAX_HEADERS = 16
 
 
 class _KubeModel(BaseModel):
@@ -62,15 +81,56 @@ class _KubeModel(BaseModel):
 # --- server reference (shaped like PrefectHQ/prefect-operator's PrefectServerReference) ----------
 
 
+class ValueRef(NamedTuple):
+    """One key of a Secret or ConfigMap in the operator's namespace."""
+
+    kind: Literal["Secret", "ConfigMap"]
+    name: str
+    key: str
+
+
 class SecretKeySelector(_KubeModel):
     name: str = Field(min_length=1, description="Name of the Secret, in the operator's namespace.")
-    key: str = Field(min_length=1, description="Key in the Secret whose value is the API key.")
+    key: str = Field(min_length=1, description="Key in the Secret whose value is used.")
+
+
+class ConfigMapKeySelector(_KubeModel):
+    name: str = Field(
+        min_length=1, description="Name of the ConfigMap, in the operator's namespace."
+    )
+    key: str = Field(min_length=1, description="Key in the ConfigMap whose value is used.")
 
 
 class SecretValueSource(_KubeModel):
     secret_key_ref: SecretKeySelector = Field(
         description="Selects a key of a Secret in the operator's namespace."
     )
+
+    def ref(self) -> ValueRef:
+        return ValueRef("Secret", self.secret_key_ref.name, self.secret_key_ref.key)
+
+
+class ValueSource(_KubeModel):
+    """A value that is not secret by nature may come from a ConfigMap as well."""
+
+    secret_key_ref: SecretKeySelector | None = Field(
+        default=None, description="Selects a key of a Secret in the operator's namespace."
+    )
+    config_map_key_ref: ConfigMapKeySelector | None = Field(
+        default=None, description="Selects a key of a ConfigMap in the operator's namespace."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValueSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef or configMapKeyRef")
+        return self
+
+    def ref(self) -> ValueRef:
+        if self.secret_key_ref is not None:
+            return ValueRef("Secret", self.secret_key_ref.name, self.secret_key_ref.key)
+        assert self.config_map_key_ref is not None
+        return ValueRef("ConfigMap", self.config_map_key_ref.name, self.config_map_key_ref.key)
 
 
 class ApiKeySource(_KubeModel):
@@ -79,6 +139,34 @@ class ApiKeySource(_KubeModel):
     value_from: SecretValueSource = Field(
         description="Where to read the API key from. Only secretKeyRef is supported: a literal "
         "key in the policy is rejected."
+    )
+
+
+class BasicAuthSource(_KubeModel):
+    value_from: SecretValueSource = Field(
+        description="Where to read the auth string (user:password, the server's "
+        "PREFECT_SERVER_API_AUTH_STRING) from, e.g. the Secret of prefect-helm's "
+        "basicAuth.existingSecret with key auth-string. Only secretKeyRef is supported."
+    )
+
+
+class CaBundleSource(_KubeModel):
+    value_from: ValueSource = Field(
+        description="Where to read the PEM certificates from: configMapKeyRef (e.g. a ca.crt "
+        "key) or secretKeyRef."
+    )
+
+
+class HeaderSource(_KubeModel):
+    name: str = Field(
+        pattern=HEADER_NAME_PATTERN,
+        max_length=128,
+        description="HTTP header name, e.g. CF-Access-Client-Id. Not one the client sets itself "
+        f"({', '.join(RESERVED_HEADERS)}), nor Authorization when apiKey or basicAuth is set.",
+    )
+    value_from: ValueSource = Field(
+        description="Where to read the header's value from: secretKeyRef for credentials, "
+        "configMapKeyRef for the rest. A literal value is rejected."
     )
 
 
@@ -101,7 +189,30 @@ class PrefectServerReference(_KubeModel):
         description="Prefect Cloud workspace ID. Requires accountId and remoteApiUrl.",
     )
     api_key: ApiKeySource | None = Field(
-        default=None, description="API key for Prefect Cloud or an authenticated server."
+        default=None,
+        description="API key for Prefect Cloud (sent as Authorization: Bearer). Mutually "
+        "exclusive with basicAuth.",
+    )
+    basic_auth: BasicAuthSource | None = Field(
+        default=None,
+        description="Basic authentication for a self-hosted server started with "
+        "PREFECT_SERVER_API_AUTH_STRING: the auth string is sent as Authorization: Basic, as "
+        "Prefect's client does with PREFECT_API_AUTH_STRING. Mutually exclusive with apiKey; "
+        "not for Prefect Cloud.",
+    )
+    ca_bundle: CaBundleSource | None = Field(
+        default=None,
+        description="PEM CA certificates the API's TLS certificate must chain to, instead of "
+        "the image's trust store (a server behind an internal CA or a TLS-inspecting proxy). "
+        "Absent: the trust store, or the operator's SSL_CERT_FILE.",
+    )
+    headers: tuple[HeaderSource, ...] = Field(
+        default=(),
+        max_length=MAX_HEADERS,
+        description="Extra HTTP headers sent with every request, e.g. Cloudflare Access or "
+        "Identity-Aware Proxy credentials (what PREFECT_CLIENT_CUSTOM_HEADERS does for "
+        "Prefect's client). Values come from Secrets or ConfigMaps only; names are unique, "
+        "case-insensitively.",
     )
     name: str | None = Field(
         default=None,
@@ -127,7 +238,27 @@ class PrefectServerReference(_KubeModel):
             raise ValueError("accountId and workspaceId must be set together")
         if self.account_id is not None and self.remote_api_url is None:
             raise ValueError("accountId and workspaceId need remoteApiUrl (Prefect Cloud)")
+        if self.api_key is not None and self.basic_auth is not None:
+            raise ValueError("apiKey and basicAuth are mutually exclusive")
+        if self.basic_auth is not None and self.account_id is not None:
+            raise ValueError("basicAuth is for self-hosted servers: Prefect Cloud takes apiKey")
+        names = [header.name.lower() for header in self.headers]
+        if len(set(names)) != len(names):
+            raise ValueError("header names must be unique (case-insensitive)")
+        if reserved := sorted(set(names) & set(RESERVED_HEADERS)):
+            raise ValueError(f"headers the client sets itself: {', '.join(reserved)}")
+        if "authorization" in names and (self.api_key or self.basic_auth):
+            raise ValueError("an Authorization header conflicts with apiKey or basicAuth")
         return self
+
+    def value_refs(self) -> list[ValueRef]:
+        """Every Secret and ConfigMap key the connection needs, in a stable order."""
+        sources: list[SecretValueSource | ValueSource] = [
+            *(source.value_from for source in (self.api_key, self.basic_auth) if source),
+            *([self.ca_bundle.value_from] if self.ca_bundle else []),
+            *(header.value_from for header in self.headers),
+        ]
+        return [source.ref() for source in sources]
 
     @property
     def api_url(self) -> str:
@@ -201,7 +332,8 @@ class GPULimitPolicySpec(_KubeModel):
     server: PrefectServerReference = Field(
         description="The Prefect API the limits are written to: remoteApiUrl (optionally with "
         "accountId/workspaceId for Prefect Cloud) or name/namespace of an in-cluster "
-        "PrefectServer, plus an optional apiKey from a Secret."
+        "PrefectServer, and optionally how to reach it: apiKey or basicAuth, caBundle and "
+        "headers, each read from a Secret or ConfigMap."
     )
     node_selector: LabelSelector = Field(
         default_factory=LabelSelector,

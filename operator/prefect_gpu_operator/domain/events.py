@@ -14,6 +14,7 @@ __all__ = [
     "limit_deleted",
     "limit_updated",
     "no_gpu_limit",
+    "prefect_rate_limited",
     "prefect_unreachable",
     "status_write_failed",
     "worker_sees_fewer_gpus",
@@ -67,6 +68,10 @@ def fenced(error: str) -> Event:
 
 def prefect_unreachable(error: str) -> Event:
     return Event("Warning", "PrefectUnreachable", error)
+
+
+def prefect_rate_limited(error: str) -> Event:
+    return Event("Warning", "PrefectRateLimited", error)
 
 
 def no_gpu_limit(node: str) -> Event:

@@ -32,6 +32,7 @@ class Outcome:
     workers: frozenset[str] = frozenset()  # nodes running Prefect pods (WORKER_ID)
     time_sliced: tuple[str, ...] = ()  # selected nodes where slotsPerGpu is not applied
     short_workers: tuple[str, ...] = ()  # worker pods that see fewer GPUs than their limit
+    rate_limited: bool = False  # the prefect_error is a 429: Prefect answers, slowly
 
 
 def condition(
@@ -121,6 +122,10 @@ def build_status(
             make("PrefectReachable", False, "NotChecked", "the spec is invalid"),
         )
         conflict = make("Conflict", False, "NoConflict", "")
+    elif outcome.prefect_error is not None and outcome.rate_limited:
+        ready = make("Ready", False, "RateLimited", outcome.prefect_error)
+        reachable = make("PrefectReachable", True, "RateLimited", outcome.prefect_error)
+        conflict = _kept("Conflict", old, make("Conflict", False, "NoConflict", ""))
     elif outcome.prefect_error is not None:
         ready = make("Ready", False, "PrefectUnreachable", outcome.prefect_error)
         reachable = make("PrefectReachable", False, "RequestFailed", outcome.prefect_error)

@@ -121,6 +121,11 @@ async def reconcile_policy(
         record.wake.clear()
         events = await controller.reconcile(name, full=full)
         _post(body, events)
+        if any(e.reason == "PrefectRateLimited" for e in events):
+            # Prefect asked to wait: resume from the cache once its Retry-After has passed.
+            await asyncio.sleep(controller.rate_limit_wait(name))
+            full = False
+            continue
         failures = failures + 1 if any(e.reason == "PrefectUnreachable" for e in events) else 0
         try:
             await asyncio.wait_for(record.wake.wait(), timeout=controller.next_wait(name, failures))

@@ -17,7 +17,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound
-from prefect_gpu_operator.adapters.prefect_limits import PrefectLimits, PrefectUnreachable
+from prefect_gpu_operator.adapters.prefect_limits import (
+    PrefectLimits,
+    PrefectRateLimited,
+    PrefectUnreachable,
+)
 from prefect_gpu_operator.api.limit_names import LimitNameError
 from prefect_gpu_operator.domain import events
 from prefect_gpu_operator.domain.desired import GPUNode, PolicyDesired
@@ -109,6 +113,12 @@ class Controller:
         if record is not None and any(entry.draining_to is not None for entry in record.ledger):
             return min(self.settings.resync_seconds, self.settings.drain_poll_seconds)
         return self.settings.resync_seconds
+
+    def rate_limit_wait(self, name: str) -> float:
+        """Seconds until the Prefect API of the policy takes requests again (its Retry-After)."""
+        record = self.policies.get(name)
+        policy = record.policy if record is not None else None
+        return self.prefect.held_for(policy.spec.server.api_url) if policy is not None else 0.0
 
     async def keep_fence(self) -> None:
         """Read this replica's peering record once (call it several times per lifetime)."""
@@ -208,8 +218,13 @@ class Controller:
             log.warning("%s: %s", name, error)  # its Event may not reach the API server either
             return [*done, events.fenced(str(error))]
         except (PrefectUnreachable, SecretNotFound) as error:
-            self.prefect.forget(spec.server.api_url)  # re-read everything once it is back
             message = str(error)
+            if isinstance(error, PrefectRateLimited):  # it answers: what it said still holds
+                self.prefect.hold(spec.server.api_url, error.retry_after)
+                outcome = Outcome(generation, plan, prefect_error=message, rate_limited=True)
+                self.status.write(name, record, outcome)
+                return [*done, events.prefect_rate_limited(message)]
+            self.prefect.forget(spec.server.api_url)  # re-read everything once it is back
             self.status.write(name, record, Outcome(generation, plan, prefect_error=message))
             return [*done, events.prefect_unreachable(message)]
         export_metrics(name, record, plan.ledger)

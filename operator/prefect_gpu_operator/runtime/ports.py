@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from prefect_gpu_operator.adapters.prefect_limits import PrefectConnection
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
 
@@ -16,7 +17,8 @@ __all__ = ["ConnectPrefect", "KubeApi", "LimitsApi"]
 
 
 class LimitsApi(Protocol):
-    """Global concurrency limits on one Prefect API. Failures raise ``PrefectUnreachable``."""
+    """Global concurrency limits on one Prefect API. Failures raise ``PrefectUnreachable``, or
+    its subclass ``PrefectRateLimited`` when the API throttles the operator."""
 
     @property
     def api_url(self) -> str: ...
@@ -35,18 +37,22 @@ class LimitsApi(Protocol):
 
 
 class ConnectPrefect(Protocol):
-    """Opens a ``LimitsApi`` for an API URL and (optional) API key."""
+    """Opens a ``LimitsApi`` for an API URL and the credentials, headers and CA to use. Raises
+    ``PrefectUnreachable`` for values it cannot use (a CA bundle without a certificate)."""
 
-    def __call__(self, api_url: str, api_key: str | None, *, timeout: float) -> LimitsApi: ...
+    def __call__(self, connection: PrefectConnection, *, timeout: float) -> LimitsApi: ...
 
 
 class KubeApi(Protocol):
-    """The Kubernetes calls besides kopf's watches. ``read_secret_key`` raises
-    ``SecretNotFound``; ``patch_policy_status`` raises ``StatusNotWritten``."""
+    """The Kubernetes calls besides kopf's watches. ``read_secret_key`` and
+    ``read_config_map_key`` raise ``SecretNotFound``; ``patch_policy_status`` raises
+    ``StatusNotWritten``."""
 
     async def list_gpu_nodes(self) -> list[GPUNode]: ...
 
     async def read_secret_key(self, namespace: str, name: str, key: str) -> str: ...
+
+    async def read_config_map_key(self, namespace: str, name: str, key: str) -> str: ...
 
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None: ...
 

@@ -1,6 +1,7 @@
 """The operator's view of the Prefect servers its policies write to.
 
-One connection per (API URL, API key), API keys read from Secrets on full reconciles only, and
+One connection per server and set of credentials, every Secret and ConfigMap value a server
+reference names read on full reconciles only (a rotated key is picked up at the next resync), and
 per server the limits as last listed and since changed by the operator's own writes, so that a
 node change costs only the write it needs. A resync lists a server before taking the policy's
 lock (a 1,000-limit listing is several paged calls); names written while that listing is in
@@ -10,16 +11,45 @@ flight keep their newer cached value (``newest_observation``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound
-from prefect_gpu_operator.adapters.prefect_limits import PrefectUnreachable
-from prefect_gpu_operator.api.policy import PrefectServerReference
+from prefect_gpu_operator.adapters.prefect_limits import PrefectConnection, PrefectUnreachable
+from prefect_gpu_operator.api.policy import (
+    ApiKeySource,
+    BasicAuthSource,
+    CaBundleSource,
+    PrefectServerReference,
+    ValueRef,
+)
 from prefect_gpu_operator.domain.plan import Change, ObservedLimit, newest_observation
 from prefect_gpu_operator.runtime.ports import ConnectPrefect, KubeApi, LimitsApi
 
-__all__ = ["Listing", "PrefectView"]
+__all__ = ["Listing", "PrefectView", "connection_for"]
+
+
+def connection_for(
+    reference: PrefectServerReference, values: Mapping[ValueRef, str]
+) -> PrefectConnection:
+    """The connection a reference describes, given the values of its ``value_refs()``."""
+
+    def value(source: ApiKeySource | BasicAuthSource | CaBundleSource | None) -> str | None:
+        return None if source is None else values[source.value_from.ref()]
+
+    return PrefectConnection(
+        reference.api_url,
+        api_key=value(reference.api_key),
+        auth_string=value(reference.basic_auth),
+        headers=tuple(
+            (header.name, values[header.value_from.ref()]) for header in reference.headers
+        ),
+        ca_bundle=value(reference.ca_bundle),
+        secret_headers=frozenset(
+            header.name for header in reference.headers if header.value_from.ref().kind == "Secret"
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -33,7 +63,8 @@ class Listing:
 
 
 class PrefectView:
-    """Connections, API keys and the listing cache, per Prefect server."""
+    """Connections, the Secret and ConfigMap values they use, and the listing cache, per
+    Prefect server."""
 
     def __init__(
         self, kube: KubeApi, namespace: str, connect: ConnectPrefect, *, timeout: float
@@ -42,28 +73,31 @@ class PrefectView:
         self._namespace = namespace
         self._connect = connect
         self._timeout = timeout
-        self._servers: dict[tuple[str, str | None], LimitsApi] = {}
-        self._api_keys: dict[tuple[str, str], str] = {}  # (Secret, key) -> value; never logged
+        self._servers: dict[PrefectConnection, LimitsApi] = {}
+        self._values: dict[ValueRef, str] = {}  # Secret and ConfigMap values; never logged
         self._observed: dict[str, dict[str, ObservedLimit]] = {}
         # Per server, one set per resync listing in flight: the names written since it began.
         self._listing_watchers: dict[str, list[set[str]]] = {}
+        self._held: dict[str, float] = {}  # per server: when its Retry-After ends (monotonic)
 
     async def server(self, reference: PrefectServerReference, *, full: bool) -> LimitsApi:
-        """The connection for ``reference``; its API key is read again on full reconciles (a
-        rotated key is picked up at the next resync), not on every node change."""
-        api_key: str | None = None
-        if reference.api_key is not None:
-            selector = reference.api_key.value_from.secret_key_ref
-            secret = (selector.name, selector.key)
-            if full or secret not in self._api_keys:
-                self._api_keys[secret] = await self._kube.read_secret_key(
-                    self._namespace, selector.name, selector.key
-                )
-            api_key = self._api_keys[secret]
-        key = (reference.api_url, api_key)
-        if key not in self._servers:
-            self._servers[key] = self._connect(reference.api_url, api_key, timeout=self._timeout)
-        return self._servers[key]
+        """The connection for ``reference``; the Secrets and ConfigMaps it names are read again
+        on full reconciles, not on every node change."""
+        values = {ref: await self._read(ref, full=full) for ref in reference.value_refs()}
+        connection = connection_for(reference, values)
+        if connection not in self._servers:
+            self._servers[connection] = self._connect(connection, timeout=self._timeout)
+        return self._servers[connection]
+
+    async def _read(self, ref: ValueRef, *, full: bool) -> str:
+        if full or ref not in self._values:
+            read = (
+                self._kube.read_secret_key
+                if ref.kind == "Secret"
+                else self._kube.read_config_map_key
+            )
+            self._values[ref] = await read(self._namespace, ref.name, ref.key)
+        return self._values[ref]
 
     async def observed(
         self, server: LimitsApi, *, full: bool, listed: Listing | None = None
@@ -88,7 +122,7 @@ class PrefectView:
         now until ``stack`` closes are noted, so their newer values win over the listing."""
         try:
             server = await self.server(reference, full=False)
-        except SecretNotFound:
+        except (SecretNotFound, PrefectUnreachable):
             return None  # the locked reconcile reads the Secret again and reports it
         url = server.api_url
         written = stack.enter_context(self._tracking_writes(url))
@@ -123,6 +157,14 @@ class PrefectView:
             )
         for written in self._listing_watchers.get(server.api_url, ()):
             written.add(change.name)
+
+    def hold(self, api_url: str, seconds: float) -> None:
+        """The server rate-limits: no reconcile of a policy writing to it for ``seconds``."""
+        self._held[api_url] = max(self._held.get(api_url, 0.0), time.monotonic() + seconds)
+
+    def held_for(self, api_url: str) -> float:
+        """Seconds left of the server's Retry-After; 0 when it takes requests."""
+        return max(0.0, self._held.get(api_url, 0.0) - time.monotonic())
 
     def forget(self, api_url: str) -> None:
         """Drop a server's cache: after an outage everything is read again."""
