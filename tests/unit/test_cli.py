@@ -52,7 +52,7 @@ def fresh_settings() -> Iterator[None]:
         ),
     ],
 )
-@pytest.mark.parametrize("command", ["run"])
+@pytest.mark.parametrize("command", ["run", "plan"])
 def test_a_bad_setting_is_one_line_and_exit_code_2(
     command: str,
     env: dict[str, str],
@@ -80,7 +80,7 @@ def test_version_names_the_operator_and_kopf(capsys: pytest.CaptureFixture[str])
     assert capsys.readouterr().out.startswith(line)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["run", "--help"]])
 def test_help_shows_defaults_and_exit_codes(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -90,6 +90,8 @@ def test_help_shows_defaults_and_exit_codes(
     text = capsys.readouterr().out
     assert "exit codes:" in text
     assert "2  usage or configuration error" in text
+    if argv[0] == "plan":
+        assert "(default: table)" in text
 
 
 def _cli(*argv: str, kubeconfig: str) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -107,7 +109,7 @@ def _cli(*argv: str, kubeconfig: str) -> tuple[subprocess.CompletedProcess[str],
     return result, time.monotonic() - started
 
 
-@pytest.mark.parametrize("command", ["run"])
+@pytest.mark.parametrize("command", ["run", "plan"])
 def test_without_a_kubeconfig_it_exits_at_once(command: str) -> None:
     result, seconds = _cli(command, kubeconfig="/nonexistent")
     assert result.returncode == EXIT_USAGE, result.stderr
@@ -131,7 +133,7 @@ current-context: x
     return str(path)
 
 
-@pytest.mark.parametrize("command", ["run"])
+@pytest.mark.parametrize("command", ["run", "plan"])
 def test_an_unreachable_api_server_outside_a_cluster_is_exit_code_1(
     command: str, tmp_path: Path
 ) -> None:
@@ -146,7 +148,7 @@ def test_an_unreachable_api_server_outside_a_cluster_is_exit_code_1(
 
 def test_a_file_that_is_no_kubeconfig_is_named(tmp_path: Path) -> None:
     (tmp_path / "notes").write_text("just text\n")
-    result, _ = _cli("run", kubeconfig=str(tmp_path / "notes"))
+    result, _ = _cli("plan", kubeconfig=str(tmp_path / "notes"))
     assert result.returncode == EXIT_USAGE
     assert result.stderr == (
         f"prefect-gpu-operator: error: kubeconfig {tmp_path / 'notes'} is not a kubeconfig file\n"

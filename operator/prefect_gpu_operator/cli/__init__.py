@@ -23,7 +23,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EPILOG = """\
 exit codes:
   0  success
-  1  runtime error: the Kubernetes API server unreachable
+  1  runtime error: the Kubernetes API server or Prefect unreachable, a policy not found
   2  usage or configuration error: bad arguments, an invalid PREFECT_GPU_OPERATOR_* setting,
      neither an in-cluster configuration nor a kubeconfig
 """
@@ -71,6 +71,12 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from prefect_gpu_operator.cli.plan import plan_command
+
+    return plan_command(args.policy, args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -96,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
         "run", "run the operator (settings from PREFECT_GPU_OPERATOR_* environment variables)", _run
     )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    plan = command(
+        "plan",
+        "show the limits each policy would create, update or delete in Prefect now, against the "
+        "current cluster and Prefect servers; nothing is written",
+        _plan,
+    )
+    plan.add_argument(
+        "policy", nargs="?", metavar="POLICY", help="plan this GPULimitPolicy only (default: all)"
+    )
+    plan.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="output format"
+    )
     return parser
 
 
@@ -103,11 +121,12 @@ def _exit_code(error: Exception) -> int | None:
     """The exit code of an error the user can act on; None for a bug (its traceback helps)."""
     # Imported here, so that --version and --help load no client library.
     from prefect_gpu_operator.adapters.kube import KubeUnavailable, NoClusterConfig
+    from prefect_gpu_operator.runtime.plan_preview import PolicyNotFound
     from prefect_gpu_operator.settings import InvalidSettings
 
     if isinstance(error, InvalidSettings | NoClusterConfig):
         return EXIT_USAGE
-    if isinstance(error, KubeUnavailable):
+    if isinstance(error, KubeUnavailable | PolicyNotFound):
         return EXIT_ERROR
     return None
 

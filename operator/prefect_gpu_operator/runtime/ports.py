@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
 
-__all__ = ["ConnectPrefect", "KubeApi", "LimitsApi"]
+__all__ = ["ClusterReader", "ConnectPrefect", "KubeApi", "LimitsApi"]
 
 
 class LimitsApi(Protocol):
@@ -51,3 +51,12 @@ class KubeApi(Protocol):
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class ClusterReader(KubeApi, Protocol):
+    """What a plan reads besides ``KubeApi``: every policy, and pods by label, as the API server
+    stores them. Failures raise ``KubeUnavailable``."""
+
+    async def list_policies(self) -> list[dict[str, Any]]: ...
+
+    async def list_pods(self, label_selector: str) -> list[dict[str, Any]]: ...
