@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -12,9 +11,10 @@ import socket
 import kopf
 from kopf._core.engines.peering import Identity
 
-from prefect_gpu_operator.settings import OperatorSettings, current_settings
+from prefect_gpu_operator.adapters.kube import IN_CLUSTER, check_reachable, load_cluster_config
+from prefect_gpu_operator.settings import OperatorSettings
 
-__all__ = ["add_run_command", "run_operator"]
+__all__ = ["check_cluster", "run_operator"]
 
 _LOG_FORMATS = {
     "plain": kopf.LogFormat.PLAIN,
@@ -23,8 +23,20 @@ _LOG_FORMATS = {
 }
 
 
+def check_cluster() -> None:
+    """Fail now, not in kopf's start-up retries (every 60 s, forever), when there is no
+    cluster to talk to. Raises ``NoClusterConfig`` or ``KubeUnavailable``.
+
+    In a cluster only the configuration is checked: an API server that is briefly unreachable
+    there is kopf's to wait for. Outside one, an unreachable server (a stopped local cluster, a
+    VPN that is down) is a mistake to report at once."""
+    if load_cluster_config() != IN_CLUSTER:
+        check_reachable()
+
+
 def run_operator(settings: OperatorSettings, *, verbose: bool = False) -> None:
     """Watch every namespace; peer with other replicas when ``settings.peering`` is set."""
+    check_cluster()
     kopf.configure(verbose=verbose, log_format=_LOG_FORMATS[settings.log_format])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect request is noise
     import prefect_gpu_operator.handlers  # noqa: F401  (registers every handler)
@@ -51,17 +63,3 @@ def peering_identity() -> Identity:
     """This replica's name in the peering object: its pod (or host), process and a nonce."""
     where = os.environ.get("POD_NAME") or socket.gethostname()
     return Identity(f"{where}/{os.getpid()}/{secrets.token_hex(3)}")
-
-
-def _run(args: argparse.Namespace) -> int:
-    run_operator(current_settings(), verbose=args.verbose)
-    return 0
-
-
-def add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    run = commands.add_parser(
-        "run",
-        help="run the operator (settings from PREFECT_GPU_OPERATOR_* environment variables)",
-    )
-    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    run.set_defaults(handler=_run)

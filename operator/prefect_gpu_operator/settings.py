@@ -8,17 +8,37 @@ here, so Prefect's own ``PREFECT_API_*`` variables are not used by the operator.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-__all__ = ["OperatorSettings", "current_settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "InvalidSettings",
+    "OperatorSettings",
+    "current_settings",
+    "describe_invalid",
+    "env_name",
+]
+
+ENV_PREFIX = "PREFECT_GPU_OPERATOR_"
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting: ``resync_seconds`` -> ``..._RESYNC_SECONDS``."""
+    return ENV_PREFIX + field.upper()
+
+
+class InvalidSettings(ValueError):
+    """The environment holds settings the operator cannot run with; the message, one line,
+    names the variables to fix."""
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFECT_GPU_OPERATOR_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     namespace: str = Field(
         default="prefect-gpu-operator",
@@ -145,14 +165,50 @@ class OperatorSettings(BaseSettings):
     def _webhook_has_certificate(self) -> OperatorSettings:
         # kopf could self-sign, but not with Debian's OpenSSL (oscrypto fails to load it), and the
         # apiserver must trust the certificate anyway: it comes from the chart or the operator.
+        # The messages name the environment variables: that is where a user fixes them.
         if self.webhook_enabled and None in (self.webhook_cert_file, self.webhook_key_file):
-            raise ValueError("webhook_enabled needs webhook_cert_file and webhook_key_file")
+            raise ValueError(
+                f"{env_name('webhook_enabled')}=true needs {env_name('webhook_cert_file')} "
+                f"and {env_name('webhook_key_file')}"
+            )
         if self.webhook_tls_secret and not self.webhook_tls_hosts:
-            raise ValueError("webhook_tls_secret needs webhook_tls_hosts (the Service's names)")
+            raise ValueError(
+                f"{env_name('webhook_tls_secret')} needs {env_name('webhook_tls_hosts')} "
+                "(the webhook Service's names)"
+            )
         return self
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_invalid(error: ValidationError | SettingsError) -> str:
+    """One line that says which variables to fix, for a user rather than a developer."""
+    if isinstance(error, SettingsError):  # a list or dict variable that is not JSON
+        named = re.search(r'field "(\w+)"', str(error))
+        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        return f"{env_name(named[1])} is not valid JSON{cause}" if named else str(error)
+    problems = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # a rule across settings: its message names them
+            problems.append(message)
+            continue
+        field, *inner = problem["loc"]
+        where = "".join(f"[{part}]" for part in inner)
+        problems.append(
+            f"{env_name(str(field))}{where}={_shown(problem['input'])}: "
+            f"{message[0].lower()}{message[1:]}"
+        )
+    return "; ".join(problems)
 
 
 @functools.cache
 def current_settings() -> OperatorSettings:
-    """This process's settings, read from the environment once."""
-    return OperatorSettings()
+    """This process's settings, read from the environment once. Raises ``InvalidSettings``."""
+    try:
+        return OperatorSettings()
+    except (ValidationError, SettingsError) as error:
+        raise InvalidSettings(describe_invalid(error)) from None

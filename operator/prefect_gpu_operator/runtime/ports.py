@@ -13,7 +13,7 @@ from prefect_gpu_operator.adapters.prefect_limits import PrefectConnection
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
 
-__all__ = ["ConnectPrefect", "KubeApi", "LimitsApi"]
+__all__ = ["ClusterReader", "ConnectPrefect", "KubeApi", "LimitsApi"]
 
 
 class LimitsApi(Protocol):
@@ -59,3 +59,12 @@ class KubeApi(Protocol):
     async def read_peering(self, name: str) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+class ClusterReader(KubeApi, Protocol):
+    """What a plan reads besides ``KubeApi``: every policy, and pods by label, as the API server
+    stores them. Failures raise ``KubeUnavailable``."""
+
+    async def list_policies(self) -> list[dict[str, Any]]: ...
+
+    async def list_pods(self, label_selector: str) -> list[dict[str, Any]]: ...
