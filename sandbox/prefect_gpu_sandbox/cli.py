@@ -13,7 +13,7 @@ from typing import Any
 from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.processes import process_alive, stop_process_group
-from prefect_gpu_sandbox.tools import ensure_tools
+from prefect_gpu_sandbox.tools import ALL_TOOLS, ensure_tools
 
 __all__ = ["build_parser", "main", "sandbox_down", "sandbox_up"]
 
@@ -106,7 +106,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _install_tools(_: argparse.Namespace) -> int:
-    print(ensure_tools(install=True))
+    print(ensure_tools(ALL_TOOLS, install=True))
     return 0
 
 
@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory")
         command.set_defaults(handler=handler)
     commands.add_parser(
-        "install-tools", help="build etcd, kube-apiserver, kubectl and helm (cached by version)"
+        "install-tools",
+        help="build the control plane's and the node's binaries (cached by version) and install "
+        "the Debian packages the node needs",
     ).set_defaults(handler=_install_tools)
 
     from prefect_gpu_sandbox.demo.run import add_demo_command  # imported late: it loads Prefect
