@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from prefect_gpu_sandbox.netns import enter
+from prefect_gpu_sandbox.namespaces import enter_network
 
 __all__ = ["main"]
 
@@ -78,7 +78,7 @@ def _listen(port: int) -> socket.socket:
 def main(argv: Sequence[str] | None = None) -> int:
     netns, *ports = list(sys.argv[1:] if argv is None else argv)
     listeners = [_listen(int(port)) for port in ports]  # on this machine's loopback
-    enter(Path(netns))  # from here on, every socket is made inside the namespace
+    enter_network(Path(netns))  # from here on, every socket is made inside the namespace
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(listeners))
     return 0
