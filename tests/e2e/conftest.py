@@ -1,5 +1,6 @@
-"""One real node per session (kubelet, containerd, kube-proxy, its control plane and Prefect in a
-network namespace of their own), shared by every end-to-end test. It needs root, as CI has."""
+"""One real node (kubelet, containerd, kube-proxy, its control plane and Prefect in namespaces of
+their own) shared by every end-to-end test, and stopped after the last of them, so it does not
+load the machine while other tests run. It needs root, as CI has."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from prefect_gpu_sandbox.node import NodeCluster
 from tests.support.node_traces import node_traces
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
-    """A Ready node; after the session it is stopped, and nothing of it may remain."""
+    """A Ready node; after the end-to-end tests it is stopped, and nothing of it may remain."""
     if os.geteuid() != 0:
         pytest.skip("a real node needs root (network namespaces, mounts, cgroups)")
     cluster = NodeCluster(tmp_path_factory.mktemp("node"))
@@ -29,17 +30,17 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
     assert not node_traces(cluster.directory, cluster.netns.name, pids)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def node_core_v1(node: NodeCluster) -> client.CoreV1Api:
     return client.CoreV1Api(node.api)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def node_apps_v1(node: NodeCluster) -> client.AppsV1Api:
     return client.AppsV1Api(node.api)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def busybox_image(node: NodeCluster) -> str:
     """A busybox image in the node's containerd (no registry: pull policy Never)."""
     return node.import_busybox_image()
