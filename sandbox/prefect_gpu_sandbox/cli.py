@@ -1,4 +1,5 @@
-"""``prefect-gpu-sandbox``: a local cluster and Prefect server on 127.0.0.1, and the demo."""
+"""``prefect-gpu-sandbox``: a local cluster and Prefect server on 127.0.0.1 (or a real node in a
+network namespace of its own), and the demo."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import Any
 
 from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.kubeschemas import ensure_schemas
+from prefect_gpu_sandbox.node import NodeCluster
 from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.processes import process_alive, stop_process_group
-from prefect_gpu_sandbox.tools import ensure_tools
+from prefect_gpu_sandbox.tools import ALL_TOOLS, ensure_tools
 
-__all__ = ["build_parser", "main", "sandbox_down", "sandbox_up"]
+__all__ = ["build_parser", "main", "node_up", "sandbox_down", "sandbox_up"]
 
 DEFAULT_DIR = Path(".sandbox")
 _STATE = "sandbox.json"
@@ -54,6 +56,27 @@ def sandbox_up(directory: Path) -> dict[str, Any]:
     return state
 
 
+def node_up(directory: Path) -> dict[str, Any]:
+    """Start a real node, its control plane and a Prefect server in a network namespace; write
+    kubeconfig, env and state files that work here and inside the namespace."""
+    directory = directory.resolve()
+    if (directory / _STATE).exists() and any(_alive(directory).values()):
+        raise SystemExit(f"a sandbox already runs in {directory}: `sandbox down --dir {directory}`")
+    node = NodeCluster(directory)
+    node.start()
+    state = {
+        "node": node.node_name,
+        "netns": node.netns.name,
+        "pids": {process.name: process.pid for process in node.processes},
+        "kubeconfig": str(node.kubeconfig),
+        "kube_apiserver": node.api_url,
+        "prefect_api_url": node.prefect_api_url,
+        "pod_prefect_api_url": node.pod_prefect_api_url,
+    }
+    (directory / _STATE).write_text(json.dumps(state, indent=2))
+    return state
+
+
 def _state(directory: Path) -> dict[str, Any]:
     try:
         state: dict[str, Any] = json.loads((directory / _STATE).read_text())
@@ -68,7 +91,12 @@ def _alive(directory: Path) -> dict[str, bool]:
 
 def sandbox_down(directory: Path) -> list[str]:
     """Stop every process the sandbox in ``directory`` started; return their names."""
-    pids: dict[str, int] = _state(directory)["pids"]
+    state = _state(directory)
+    pids: dict[str, int] = state["pids"]
+    if "netns" in state:
+        NodeCluster(directory).stop()
+        (directory / _STATE).unlink(missing_ok=True)
+        return list(pids)
     # Prefect first, the API server before etcd: each stops while what it depends on still runs.
     for name in ("prefect-server", "kube-apiserver", "etcd"):
         if name in pids and process_alive(pids[name]):
@@ -78,10 +106,13 @@ def sandbox_down(directory: Path) -> list[str]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    state = sandbox_up(args.dir)
+    state = node_up(args.dir) if args.node else sandbox_up(args.dir)
     print(f"kube-apiserver  {state['kube_apiserver']}")
     print(f"prefect server  {state['prefect_api_url']}")
     print(f"kubeconfig      {state['kubeconfig']}")
+    if args.node:
+        print(f"node            {state['node']} (Prefect for pods: {state['pod_prefect_api_url']})")
+        print(f"inside          nsenter --net=/var/run/netns/{state['netns']} bash")
     print(f"\nsource {args.dir.resolve() / 'env'}   # sets KUBECONFIG, PREFECT_API_URL, PATH")
     return 0
 
@@ -106,7 +137,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _install_tools(_: argparse.Namespace) -> int:
-    bin_dir = ensure_tools(install=True)
+    bin_dir = ensure_tools(ALL_TOOLS, install=True)
     ensure_schemas(install=True)
     print(bin_dir)  # alone on stdout: `$(prefect-gpu-sandbox install-tools)/helm`
     return 0
@@ -129,10 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory")
         command.set_defaults(handler=handler)
+        if name == "up":
+            command.add_argument(
+                "--node",
+                action="store_true",
+                help="a real node (kubelet, containerd, kube-proxy, ...) in a network namespace "
+                "of its own, with its control plane and Prefect (needs root)",
+            )
     commands.add_parser(
         "install-tools",
-        help="build etcd, kube-apiserver, kubectl, helm, kubeconform, helm-docs and actionlint, "
-        "and make kubeconform's schemas (cached by version)",
+        help="build the control plane's and the node's binaries and the chart's checkers "
+        "(kubeconform with its schemas, helm-docs, actionlint; cached by version) and install "
+        "the Debian packages the node needs",
     ).set_defaults(handler=_install_tools)
 
     from prefect_gpu_sandbox.demo.run import add_demo_command  # imported late: it loads Prefect

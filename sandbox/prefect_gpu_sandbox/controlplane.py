@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -18,7 +19,13 @@ from prefect_gpu_operator.adapters.pki import CertificateAuthority, KeyPair
 from prefect_gpu_sandbox.processes import ServerProcess, Service, free_port
 from prefect_gpu_sandbox.tools import ensure_tools
 
-__all__ = ["ControlPlane", "client_certificate", "write_service_account_key"]
+__all__ = [
+    "ControlPlane",
+    "client_certificate",
+    "http_ok",
+    "kubeconfig",
+    "write_service_account_key",
+]
 
 _READY_TIMEOUT = 120.0
 
@@ -72,7 +79,7 @@ class ControlPlane(Service):
         )
         self.processes.append(etcd)
         etcd.start()
-        etcd.wait_ready(lambda: _http_ok(f"{etcd_url}/health"), timeout=_READY_TIMEOUT)
+        etcd.wait_ready(lambda: http_ok(f"{etcd_url}/health"), timeout=_READY_TIMEOUT)
 
         apiserver = ServerProcess(
             "kube-apiserver",
@@ -104,7 +111,7 @@ class ControlPlane(Service):
     def ready(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.pki / "serving-ca.crt"))
         context.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
-        return _http_ok(f"{self.url}/readyz", context)
+        return http_ok(f"{self.url}/readyz", context)
 
     def restart_apiserver(self) -> None:
         """Stop and start kube-apiserver, etcd keeping the data: its watch cache starts afresh,
@@ -129,32 +136,34 @@ class ControlPlane(Service):
         admin = client_certificate(client_ca, "admin", ("system:masters",))
         admin.write(self.pki / "admin.crt", self.pki / "admin.key")
         write_service_account_key(self.pki / "sa.key")
-        kubeconfig = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "sandbox",
-                    "cluster": {
-                        "server": self.url,
-                        "certificate-authority-data": _b64(serving_ca.cert_pem),
-                    },
-                }
-            ],
-            "users": [
-                {
-                    "name": "admin",
-                    "user": {
-                        "client-certificate-data": _b64(admin.cert_pem),
-                        "client-key-data": _b64(admin.key_pem),
-                    },
-                }
-            ],
-            "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "admin"}}],
-            "current-context": "sandbox",
-        }
-        self.kubeconfig.write_text(yaml.safe_dump(kubeconfig))
+        document = kubeconfig(self.url, serving_ca.cert_pem, "admin", admin)
+        self.kubeconfig.write_text(yaml.safe_dump(document))
         self.kubeconfig.chmod(0o600)
+
+
+def kubeconfig(server: str, ca_pem: bytes, user: str, credentials: KeyPair) -> dict[str, Any]:
+    """A kubeconfig for ``user`` authenticating with a client certificate."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "sandbox",
+                "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate-data": _b64(credentials.cert_pem),
+                    "client-key-data": _b64(credentials.key_pem),
+                },
+            }
+        ],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": user}}],
+        "current-context": "sandbox",
+    }
 
 
 def client_certificate(ca: CertificateAuthority, user: str, groups: tuple[str, ...]) -> KeyPair:
@@ -175,7 +184,7 @@ def write_service_account_key(path: Path) -> None:
     path.chmod(0o600)
 
 
-def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return bool(response.status == 200)

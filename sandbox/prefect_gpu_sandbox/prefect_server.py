@@ -6,6 +6,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +38,20 @@ def server_environment(home: Path, database_url: str | None = None) -> dict[str,
 
 @dataclass
 class PrefectServer(Service):
-    """``prefect server start`` in a process group; ``start()`` returns once /api/health is ok."""
+    """``prefect server start`` in a process group; ``start()`` returns once /api/health is ok.
+
+    ``host`` is the address it listens on; ``launcher`` prefixes its command (a node's network
+    namespace runs it under ``nsenter``, listening on all of the namespace's addresses). Either
+    way this process reaches it at ``api_url``, on 127.0.0.1.
+    """
 
     home: Path
     database_url: str | None = None  # None: SQLite in ``home``
     port: int = field(default_factory=free_port)
     # More server settings, e.g. PREFECT_SERVER_API_AUTH_STRING or CSRF protection.
     settings: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    launcher: Sequence[str] = ()
     process: ServerProcess | None = None
 
     @property
@@ -51,6 +59,11 @@ class PrefectServer(Service):
         return f"http://127.0.0.1:{self.port}/api"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the server without waiting for it (``wait_ready`` does)."""
         self.home.mkdir(parents=True, exist_ok=True)
         env = {
             key: value
@@ -62,11 +75,19 @@ class PrefectServer(Service):
         prefect = Path(sys.executable).with_name("prefect")
         self.process = ServerProcess(
             "prefect-server",
-            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                *self.launcher,
+                *(str(prefect), "server", "start"),
+                *("--host", self.host, "--port", str(self.port)),
+            ],
             log_path=self.home / "server.log",
             env=env,
         )
         self.process.start()
+
+    def wait_ready(self) -> None:
+        if self.process is None:
+            raise RuntimeError("the Prefect server was not launched")
         self.process.wait_ready(self.healthy, timeout=_READY_TIMEOUT)
 
     def healthy(self) -> bool:

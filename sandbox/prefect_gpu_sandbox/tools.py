@@ -1,15 +1,44 @@
-"""Where the control plane's binaries and the chart's checkers live, and how they get there."""
+"""Where the cluster's binaries and the chart's checkers live, and how they get there."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["K8S_VERSION", "TOOLS", "ToolsMissingError", "ensure_tools", "tools_bin"]
+__all__ = [
+    "ALL_TOOLS",
+    "CNI_PLUGINS",
+    "K8S_VERSION",
+    "NODE_TOOLS",
+    "TOOLS",
+    "ToolsMissingError",
+    "cni_bin",
+    "ensure_tools",
+    "tools_bin",
+]
 
 K8S_VERSION = "v1.37.1"
+# The loopback control plane's binaries and the chart's checkers, built by install-tools.sh.
 TOOLS = ("etcd", "kube-apiserver", "kubectl", "helm", "kubeconform", "helm-docs", "actionlint")
+CNI_PLUGINS = ("bridge", "host-local", "loopback", "portmap")
+# A real node's, built by install-node.sh beside them (the CNI plugins in a directory of their
+# own), and the Debian commands it installs when they are missing, found on PATH.
+_NODE_BINARIES = (
+    "kubelet",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "containerd",
+    "ctr",
+    "containerd-shim-runc-v2",
+    "runc",
+    *(f"cni/{plugin}" for plugin in CNI_PLUGINS),
+)
+_SYSTEM_COMMANDS = ("iptables", "conntrack", "busybox")
+NODE_TOOLS = (*_NODE_BINARIES, *_SYSTEM_COMMANDS)
+ALL_TOOLS = (*TOOLS, *NODE_TOOLS)
 _INSTALL_SCRIPT = Path(__file__).with_name("install-tools.sh")
 
 
@@ -31,8 +60,19 @@ def tools_bin() -> Path:
     return cache_dir() / "tools" / K8S_VERSION / "bin"
 
 
+def cni_bin() -> Path:
+    """The directory holding the CNI plugins."""
+    return tools_bin() / "cni"
+
+
+def _present(tool: str) -> bool:
+    if tool in _SYSTEM_COMMANDS:
+        return shutil.which(tool) is not None
+    return os.access(tools_bin() / tool, os.X_OK)
+
+
 def missing_tools(needed: tuple[str, ...] = TOOLS) -> list[str]:
-    return [tool for tool in needed if not os.access(tools_bin() / tool, os.X_OK)]
+    return [tool for tool in needed if not _present(tool)]
 
 
 def ensure_tools(needed: tuple[str, ...] = TOOLS, *, install: bool = False) -> Path:
