@@ -6,7 +6,7 @@ VENV  ?= $(CACHE)/venvs/$(shell pwd | sha1sum | cut -c1-12)
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 
-.PHONY: demo test lint unit integration install tools generate
+.PHONY: demo test lint unit integration install tools generate lock images
 
 # The operator (this directory), the flows and the sandbox, each its own distribution.
 install:
@@ -29,6 +29,15 @@ generate: install
 	{ echo '# Generated from operator/prefect_gpu_operator/api/limit_names.py by `make generate`: do not edit.'; \
 	  echo; cat operator/prefect_gpu_operator/api/limit_names.py; } > flows/prefect_gpu_flows/_limit_names.py
 	HELM=$$($(BIN)/prefect-gpu-sandbox install-tools)/helm bash charts/render-manifests.sh manifests
+
+# The images' exact dependencies (constraints/<target>.txt), resolved from the pyprojects by uv;
+# versions already locked stay unless they no longer fit. A unit test fails when one is stale.
+lock: install
+	$(BIN)/prefect-gpu-sandbox lock-images
+
+# The Dockerfile's images as OCI archives, built offline and cached by content (needs root).
+images: install
+	$(BIN)/prefect-gpu-sandbox build-images
 
 unit: install
 	$(PY) -m pytest tests/unit
