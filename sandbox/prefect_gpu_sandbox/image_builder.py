@@ -58,6 +58,17 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
+def _run(what: str, command: list[str], env: Mapping[str, str] | None = None) -> str:
+    """A command's output; when it fails, the end of that output is in the error."""
+    result = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr)[-6000:]
+        raise RuntimeError(f"{what} exited {result.returncode}:\n{output}")
+    return result.stdout
+
+
 # --- locks ---------------------------------------------------------------------------------
 
 
@@ -101,17 +112,7 @@ class Buildah:
         ]
 
     def __call__(self, *arguments: str) -> str:
-        """buildah's output; when it fails, the end of that output is in the error."""
-        result = subprocess.run(
-            ["buildah", *self.options, *arguments],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            output = (result.stdout + result.stderr)[-6000:]
-            raise RuntimeError(f"buildah {' '.join(arguments[:2])} failed:\n{output}")
-        return result.stdout
+        return _run(f"buildah {arguments[0]}", ["buildah", *self.options, *arguments])
 
     def has_image(self, reference: str) -> bool:
         try:
@@ -142,8 +143,8 @@ def ensure_builder_tools(*, install: bool = True) -> None:
     if not install or os.geteuid() != 0:
         raise RuntimeError(f"missing {', '.join(missing)}: apt-get install {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
-        subprocess.run(command, check=True, env=env, stdin=subprocess.DEVNULL, capture_output=True)
+    _run("apt-get update", ["apt-get", "update", "-qq"], env)
+    _run("apt-get install", ["apt-get", "install", "-y", "-qq", *missing], env)
 
 
 # --- building ------------------------------------------------------------------------------
@@ -203,6 +204,8 @@ def build_image(
     with _exclusive(directory):
         cached = archive.exists()
         if not cached:
+            if os.geteuid() != 0:
+                raise RuntimeError("building images needs root (mmdebstrap, buildah's chroot)")
             ensure_builder_tools()
             buildah = Buildah(directory / "buildah")
             _build(buildah, inputs, _base(buildah, directory, recipe), directory, archive)
@@ -227,9 +230,8 @@ def _base(buildah: Buildah, directory: Path, recipe: BaseRecipe) -> str:
     rootfs = directory / f"base-{recipe.key}.tar"
     if not rootfs.exists():
         partial = directory / f"base-{recipe.key}.partial"
-        # mmdebstrap reads sources from stdin when it is not a terminal: give it none.
-        command = recipe.command(partial)
-        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+        # stdin is /dev/null: mmdebstrap would read sources from a stdin that is not a terminal.
+        _run("mmdebstrap", recipe.command(partial))
         partial.rename(rootfs)
     with buildah.container("scratch") as container:
         buildah("add", "--quiet", container, str(rootfs), "/")

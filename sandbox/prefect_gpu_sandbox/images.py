@@ -158,7 +158,9 @@ def context_paths(dockerfile: str, target: str) -> list[str]:
     stages: dict[str, tuple[str | None, list[str]]] = {}
     current: str | None = None
     for keyword, arguments in _instructions(dockerfile):
-        words = json.loads(arguments) if arguments.startswith("[") else arguments.split()
+        # COPY and ADD may take their paths as a JSON array; a RUN's "[" is the shell's test.
+        exec_form = keyword in {"COPY", "ADD"} and arguments.startswith("[")
+        words: list[str] = json.loads(arguments) if exec_form else arguments.split()
         if keyword == "FROM":
             image = words[0]
             current = words[2] if len(words) > 2 and words[1].lower() == "as" else str(len(stages))

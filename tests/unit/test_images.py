@@ -120,6 +120,7 @@ def test_context_paths_follow_the_parent_stages_only() -> None:
         "COPY --chown=1:1 c \\\n"
         "     d/ /dest/\n"
         "COPY --from=other /b /b\n"
+        "RUN [ -e /a ] && echo yes\n"
         'ADD ["e", "/e"]\n'
     )
     assert context_paths(dockerfile, "final") == ["a", "c", "d", "e"]
