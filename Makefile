@@ -6,7 +6,7 @@ VENV  ?= $(CACHE)/venvs/$(shell pwd | sha1sum | cut -c1-12)
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 
-.PHONY: demo test lint unit chart integration install tools generate
+.PHONY: demo test lint unit chart integration install tools generate lock images
 
 # The operator (this directory), the flows and the sandbox, each its own distribution.
 install:
@@ -32,6 +32,15 @@ generate: install
 	  HELM=$$tools/helm bash charts/render-manifests.sh manifests && \
 	  HELM_DOCS=$$tools/helm-docs bash charts/render-readme.sh
 
+# The images' exact dependencies (constraints/<target>.txt), resolved from the pyprojects by uv;
+# versions already locked stay unless they no longer fit. A unit test fails when one is stale.
+lock: install
+	$(BIN)/prefect-gpu-sandbox lock-images
+
+# The Dockerfile's images as OCI archives, built offline and cached by content (needs root).
+images: install
+	$(BIN)/prefect-gpu-sandbox build-images
+
 unit: install
 	$(PY) -m pytest tests/unit
 
@@ -42,8 +51,10 @@ chart: tools
 integration: tools
 	$(PY) -m pytest tests/integration
 
+# The whole suite, the CUDA worker image included (cached by content: minutes only when its
+# inputs change); a bare `pytest` builds it only when asked or already cached.
 test: tools lint
-	$(PY) -m pytest
+	PREFECT_GPU_OPERATOR_CUDA_IMAGE=1 $(PY) -m pytest
 
 demo: tools
 	$(BIN)/prefect-gpu-sandbox demo

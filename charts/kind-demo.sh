@@ -8,7 +8,8 @@
 # their status, as Kubernetes documents for extended resources, and the model runs on the CPU).
 #
 # 1. a kind cluster with two worker nodes; worker 1 gets nvidia.com/gpu=1, worker 2 gets 2
-# 2. the operator image built from ./Dockerfile and loaded into kind
+# 2. the operator and worker images built from ./Dockerfile (targets operator and worker) and
+#    loaded into kind; the worker image, which carries Prefect, also runs the Prefect server
 # 3. a Prefect server (SQLite) in namespace "prefect", at http://prefect-server.prefect.svc:4200/api
 # 4. the chart, with its self-signed webhook certificate, the default GPULimitPolicy for that
 #    server and the bundled inference worker (one per GPU node)
@@ -16,11 +17,12 @@
 #    embed-documents deployment run a few times on the inference workers
 #
 # Settings (environment): CLUSTER (default prefect-gpu-demo), IMAGE (prefect-gpu-operator:dev),
-# RUNS (flow runs to start, default 4).
+# WORKER_IMAGE (prefect-gpu-worker:dev), RUNS (flow runs to start, default 4).
 set -euo pipefail
 
 CLUSTER=${CLUSTER:-prefect-gpu-demo}
 IMAGE=${IMAGE:-prefect-gpu-operator:dev}
+WORKER_IMAGE=${WORKER_IMAGE:-prefect-gpu-worker:dev}
 RUNS=${RUNS:-4}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RELEASE=prefect-gpu-operator
@@ -62,9 +64,10 @@ for pair in "$CLUSTER-worker=1" "$CLUSTER-worker2=2"; do
 done
 k get nodes -o custom-columns='NODE:.metadata.name,GPUS:.status.allocatable.nvidia\.com/gpu'
 
-step "operator image $IMAGE (./Dockerfile), loaded into kind"
-docker build -t "$IMAGE" "$REPO"
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+step "images $IMAGE and $WORKER_IMAGE (./Dockerfile), loaded into kind"
+docker build --target operator -t "$IMAGE" "$REPO"
+docker build --target worker -t "$WORKER_IMAGE" "$REPO"
+kind load docker-image "$IMAGE" "$WORKER_IMAGE" --name "$CLUSTER"
 
 step "Prefect server (SQLite) in namespace prefect"
 k create namespace prefect --dry-run=client -o yaml | k apply -f -
@@ -83,7 +86,7 @@ spec:
       securityContext: {runAsNonRoot: true, runAsUser: 65532, fsGroup: 65532}
       containers:
         - name: prefect-server
-          image: $IMAGE
+          image: $WORKER_IMAGE
           imagePullPolicy: IfNotPresent
           args: [prefect, server, start, --host, 0.0.0.0, --port, "4200"]
           env:
@@ -108,15 +111,14 @@ EOF
 k rollout status -n prefect deploy/prefect-server --timeout=300s
 
 step "the chart: operator + webhook (self-signed certificate), default policy, inference workers"
-repository=${IMAGE%:*}
-tag=${IMAGE##*:}
 helm --kube-context "$CONTEXT" upgrade --install "$RELEASE" "$REPO/charts/prefect-gpu-operator" \
   --namespace "$NAMESPACE" --create-namespace \
-  --set operator.image.repository="$repository" --set operator.image.tag="$tag" \
+  --set operator.image.repository="${IMAGE%:*}" --set operator.image.tag="${IMAGE##*:}" \
   --set defaultPolicy.enabled=true \
   --set defaultPolicy.spec.server.remoteApiUrl=http://prefect-server.prefect.svc:4200/api \
   --set inferenceWorker.enabled=true --set inferenceWorker.replicas=2 \
-  --set inferenceWorker.image.repository="$repository" --set inferenceWorker.image.tag="$tag" \
+  --set inferenceWorker.image.repository="${WORKER_IMAGE%:*}" \
+  --set inferenceWorker.image.tag="${WORKER_IMAGE##*:}" \
   --set inferenceWorker.prefectApiUrl=http://prefect-server.prefect.svc:4200/api \
   --wait --timeout 5m
 
@@ -126,7 +128,7 @@ k get glp
 k exec -n prefect deploy/prefect-server -- prefect gcl ls
 
 step "the webhook: a prefect-worker pod gets WORKER_ID from spec.nodeName (server-side dry run)"
-k run prefect-worker-probe -n prefect --image="$IMAGE" --restart=Never --dry-run=server \
+k run prefect-worker-probe -n prefect --image="$WORKER_IMAGE" --restart=Never --dry-run=server \
   --labels=app.kubernetes.io/name=prefect-worker -o jsonpath='{.spec.containers[0].env}'
 echo
 

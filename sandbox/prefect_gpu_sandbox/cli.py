@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,28 @@ def _install_tools(_: argparse.Namespace) -> int:
     return 0
 
 
+def _build_images(args: argparse.Namespace) -> int:
+    from prefect_gpu_sandbox.image_builder import build_image
+    from prefect_gpu_sandbox.images import IMAGES
+
+    targets = args.target or ["operator", "worker", *(["worker-cuda"] if args.cuda else [])]
+    for target in targets:
+        print(f"{target}: building (or finding it cached)", file=sys.stderr)
+        image = build_image(IMAGES[target])
+        size = image.archive.stat().st_size / 2**20
+        how = "cached" if image.cached else "built"
+        print(f"{image.reference}  {image.archive}  {size:.0f} MiB  {how} in {image.seconds:.1f} s")
+    return 0
+
+
+def _lock_images(_: argparse.Namespace) -> int:
+    from prefect_gpu_sandbox.image_builder import write_locks
+
+    for path in write_locks():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefect-gpu-sandbox",
@@ -173,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(kubeconform with its schemas, helm-docs, actionlint; cached by version) and install "
         "the Debian packages the node needs",
     ).set_defaults(handler=_install_tools)
+    images = commands.add_parser(
+        "build-images",
+        help="build the Dockerfile's images offline (mmdebstrap base, buildah) as OCI archives",
+    )
+    images.add_argument("--cuda", action="store_true", help="also the worker-cuda image (GBs)")
+    images.add_argument(
+        "--target",
+        action="append",
+        choices=["operator", "worker", "worker-cuda"],
+        help="only these targets (repeatable)",
+    )
+    images.set_defaults(handler=_build_images)
+    commands.add_parser(
+        "lock-images", help="regenerate constraints/<target>.txt from the pyprojects (uv)"
+    ).set_defaults(handler=_lock_images)
 
     from prefect_gpu_sandbox.demo.run import add_demo_command  # imported late: it loads Prefect
 
