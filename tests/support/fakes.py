@@ -6,6 +6,7 @@ one into a shared ``Journal`` so a test can assert the order of Kubernetes and P
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -92,7 +93,8 @@ class FakePrefect:
 
 class FakeKube:
     """Nodes to list, Secrets and ConfigMaps to read, and the policy status patches the API
-    server received. ``refuse_status`` makes status writes fail (as a 5xx or a conflict would)."""
+    server received. ``refuse_status`` makes status writes fail (as a 5xx or a conflict would);
+    while ``status_gate`` is set but not yet open, status writes wait in flight (a slow API)."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
@@ -103,6 +105,7 @@ class FakeKube:
         self.secret_reads = 0
         self.config_map_reads = 0
         self.refuse_status = False
+        self.status_gate: asyncio.Event | None = None
         self.while_listing: Callable[[], object] | None = None  # a watch event mid-listing
         self.peering: dict[str, Any] = {}  # the ClusterKopfPeering object
 
@@ -137,6 +140,8 @@ class FakeKube:
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
         limits = ",".join(entry["name"] for entry in status.get("limits") or [])
         self.journal.append(f"status {name} limits={limits}")
+        if self.status_gate is not None:
+            await self.status_gate.wait()
         if self.refuse_status:
             raise StatusNotWritten("500 Internal Server Error")
         self.patches[name].append(dict(status))

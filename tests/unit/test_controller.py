@@ -213,6 +213,46 @@ def test_a_burst_of_changes_is_one_status_write() -> None:
     run(scenario)
 
 
+def test_a_change_staged_while_a_status_write_is_in_flight_goes_out_after_it() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced(4)
+        await world.settled()
+        world.kube.status_gate = gate = asyncio.Event()  # the API server answers slowly
+        written = world.journal.count("status p limits=gpu:a")
+        world.node("a", 2)
+        await world.controller.reconcile("p", full=False)
+
+        async def in_flight() -> None:  # the write of 2 has reached the API server
+            while world.journal.count("status p limits=gpu:a") == written:
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(in_flight(), timeout=5)
+        world.node("a", 1)
+        await world.controller.reconcile("p", full=False)  # staged behind it
+        gate.set()
+        await world.settled()
+        assert world.status()["totalSlots"] == 1
+
+    run(scenario)
+
+
+def test_a_refused_status_write_is_retried_by_the_next_reconcile() -> None:
+    async def scenario(world: World) -> None:
+        await world.synced(4)
+        await world.settled()
+        world.kube.refuse_status = True
+        world.node("a", 2)
+        await world.controller.reconcile("p", full=False)
+        await world.settled()
+        assert world.status()["totalSlots"] == 4
+        world.kube.refuse_status = False
+        await world.controller.reconcile("p", full=False)  # nothing changed but the API
+        await world.settled()
+        assert world.status()["totalSlots"] == 2
+
+    run(scenario)
+
+
 def test_deletion_applies_the_deletion_policy() -> None:
     async def scenario(world: World) -> None:
         world.node("a", 4)

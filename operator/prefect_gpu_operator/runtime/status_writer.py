@@ -70,8 +70,10 @@ class StatusWriter:
     def write(self, name: str, record: PolicyRecord, outcome: Outcome) -> None:
         """Stage the status for ``outcome``; it goes out within the coalescing window."""
         outcome = dataclasses.replace(outcome, workers=self._workers())
-        staged = self._stage(record, build_status(outcome, self._base(record), _now()))
-        if staged and (record.flusher is None or record.flusher.done()):
+        self._stage(record, build_status(outcome, self._base(record), _now()))
+        # Also when nothing new was staged: a write refused earlier is still pending, and each
+        # reconcile is its retry.
+        if record.pending is not None and (record.flusher is None or record.flusher.done()):
             record.flusher = asyncio.create_task(self._flush_soon(name, record))
 
     async def flush(self, name: str, record: PolicyRecord) -> bool:
@@ -109,5 +111,9 @@ class StatusWriter:
         return True
 
     async def _flush_soon(self, name: str, record: PolicyRecord) -> None:
-        await asyncio.sleep(self._interval)
-        await self.flush(name, record)
+        # A status staged while a write was in flight found this task running and left it to
+        # this loop; a refused write stays staged for the next change instead of spinning.
+        while True:
+            await asyncio.sleep(self._interval)
+            if not await self.flush(name, record) or record.pending is None:
+                return
