@@ -50,7 +50,7 @@ class Holding:
     records: list[LeaseRecord] = field(default_factory=list)
 
     @property
-    def devices(self) -> tuple[int, ...]:
+    def devices(self) -> tuple[str, ...]:
         return tuple(self.config.device_of(slot.index) for slot in self.slots)
 
     def release(self) -> None:
@@ -76,12 +76,14 @@ class _Claim:
         self.limit_id = limit_id
         self.limit = limit
         self.read_at = read_at  # monotonic time the limit was read
+        config.check_limit(limit)  # slots without a device are an error
         self.releasable = limit > 0  # see _gcl.release: nothing is released at limit 0
         self.span = self._span()
 
     def refresh(self) -> None:
         read_at = time.monotonic()
         self.limit_id, self.limit = _read_limit(self.config, self.prefect)
+        self.config.check_limit(self.limit)
         self.read_at = read_at
         self.releasable = self.limit > 0
         self.span = self._span()
@@ -106,7 +108,7 @@ class _Claim:
                 # Prefer slots whose lease can be adopted: that needs no server request.
                 below = [slot for slot in free if slot.index < self.limit]
                 below.sort(key=lambda slot: (not self._adoptable(records[slot.index]), slot.index))
-                chosen = below[: self.gpus]
+                chosen = self._on_distinct_devices(below)
             self._drop_surplus(free, chosen, records, room=self.limit - busy - len(chosen))
         except BaseException:
             chosen = []
@@ -132,6 +134,15 @@ class _Claim:
             return holding
         holding.release()  # the leases stay on their files: adopted or released later
         return None
+
+    def _on_distinct_devices(self, candidates: list[SlotFile]) -> list[SlotFile]:
+        """The first ``gpus`` candidates on different devices (slots may share one), or none."""
+        chosen: dict[str, SlotFile] = {}
+        for slot in candidates:
+            chosen.setdefault(self.config.device_of(slot.index), slot)
+            if len(chosen) == self.gpus:
+                return list(chosen.values())
+        return []
 
     def _slot(self, index: int) -> SlotFile:
         return SlotFile(self.config.lock_dir, index)

@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from prefect_gpu_flows.slots import GpuLease, gpu_slot
+from prefect_gpu_flows.slots import GpuDeviceError, GpuLease, gpu_slot
 
 try:
     import numpy as np
@@ -140,8 +140,13 @@ def _load_encoder(device: int | None) -> SentenceEncoder:
 
 
 def cuda_device(lease: GpuLease) -> int | None:
-    """The lease's first device if onnxruntime can use CUDA here, else None (the CPU)."""
-    return lease.devices[0] if "CUDAExecutionProvider" in ort.get_available_providers() else None
+    """Where this process's CUDA shows the lease's first device if onnxruntime can use CUDA
+    here, else None (the CPU); GpuDeviceError if CUDA cannot reach it (``lease.pinned``)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    if lease.cuda_index is None:
+        raise GpuDeviceError(f"cannot run on {lease.devices[0]}: {lease.unpinned_reason}")
+    return lease.cuda_index
 
 
 # ## Tasks without limits
@@ -184,8 +189,8 @@ class Embedded:
     vectors: Embeddings
     device: str
     """Where the model ran: ``cuda:<n>`` or ``cpu``."""
-    slot_devices: tuple[int, ...]
-    """The device indices gpu_slot() gave this step (also on a CPU-only node)."""
+    slot_devices: tuple[str, ...]
+    """The devices gpu_slot() gave this step (numbered slots on a CPU-only node)."""
     seconds: float
     """Loading (if not cached) and running the model, inside the slot."""
     held: tuple[str, str] = ("", "")
@@ -239,7 +244,7 @@ def embed(documents: list[Document]) -> Embedded:
         len(documents),
         encoder.device,
         lease.limit_name,
-        lease.devices,
+        ", ".join(lease.devices),
         seconds,
     )
     return Embedded(vectors, encoder.device, lease.devices, seconds, (acquired, released))

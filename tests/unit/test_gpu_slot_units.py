@@ -12,6 +12,7 @@ import pytest
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 from prefect_gpu_flows import (
+    GpuDeviceError,
     GpuLease,
     GpuSlotError,
     MissingWorkerIdError,
@@ -26,6 +27,9 @@ _ENV = (
     "PREFECT_GPU_LIMIT_PREFIX",
     "PREFECT_GPU_LOCK_DIR",
     "PREFECT_GPU_DEVICE_COUNT",
+    "PREFECT_GPU_SLOTS_PER_DEVICE",
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
 )
 
 
@@ -53,20 +57,57 @@ def test_config_defaults_follow_prefect_per_worker_example(
     assert config.limit_name == "gpu:gpu-1"
     assert config.lock_dir == Path("/tmp/prefect-gpu-locks/gpu-1")
     assert config.lease_seconds == 60
-    assert [config.device_of(slot) for slot in range(3)] == [0, 1, 2]
+    # No device list on this machine (no NVIDIA runtime, no NVML): slots number the devices.
+    assert [config.device_of(slot) for slot in range(3)] == ["0", "1", "2"]
+    config.check_limit(100)  # nothing to check it against
 
 
 def test_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WORKER_ID", "node-a.example.com")
     monkeypatch.setenv("PREFECT_GPU_LIMIT_TEMPLATE", "{node}-gpu")
     monkeypatch.setenv("PREFECT_GPU_LOCK_DIR", str(tmp_path))
-    monkeypatch.setenv("PREFECT_GPU_DEVICE_COUNT", "2")  # time-sliced: 2 GPUs, 2 slots each
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-a1,GPU-b2")
+    monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "2")  # time-sliced: 2 GPUs, 2 slots each
     monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "120")
     config = SlotConfig.from_env()
     assert config.limit_name == "node-a.example.com-gpu"  # a policy's limitNameTemplate
     assert config.lock_dir == tmp_path / "node-a.example.com"
     assert config.lease_seconds == 120
-    assert [config.device_of(slot) for slot in range(4)] == [0, 1, 0, 1]
+    assert [config.device_of(slot) for slot in range(4)] == ["GPU-a1", "GPU-b2"] * 2
+    config.check_limit(4)
+    with pytest.raises(GpuDeviceError, match=r"is 5, but this container can serve only 4 slot"):
+        config.check_limit(5)
+
+
+def test_the_older_device_count_still_shares_devices_without_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKER_ID", "n")
+    monkeypatch.setenv("PREFECT_GPU_DEVICE_COUNT", "2")  # limit 4 on 2 GPUs, as it used to
+    config = SlotConfig.from_env()
+    assert [config.device_of(slot) for slot in range(4)] == ["0", "1", "0", "1"]
+    config.check_limit(4)
+    monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "1")  # both: the new bound applies
+    with pytest.raises(GpuDeviceError, match=r"is 4, .* only 2 slot\(s\): 2 device\(s\)"):
+        SlotConfig.from_env().check_limit(4)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("PREFECT_GPU_SLOTS_PER_DEVICE", "two", "not a whole number"),
+        ("PREFECT_GPU_SLOTS_PER_DEVICE", "0", "at least 1"),
+        ("PREFECT_GPU_DEVICE_COUNT", "0", "at least 1"),
+        ("NVIDIA_VISIBLE_DEVICES", "0:1", "by its UUID"),
+    ],
+)
+def test_device_settings_that_cannot_work_are_errors(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv("WORKER_ID", "n")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(GpuDeviceError, match=problem):
+        SlotConfig.from_env()
 
 
 def test_the_older_prefix_setting_still_names_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,9 +137,10 @@ def test_a_worker_id_prefect_cannot_name_is_an_error() -> None:
 
 
 def test_lease_devices_without_cuda() -> None:
-    lease = GpuLease("gpu:n", (2, 3))
+    lease = GpuLease("gpu:n", ("GPU-a1", "GPU-b2"), pinned=True, cuda_index=0)
     assert lease.torch_device == "cpu"  # torch is not installed in the test environment
-    assert lease.cuda_visible_devices == "2,3"
+    assert lease.env == {"CUDA_VISIBLE_DEVICES": "GPU-a1,GPU-b2"}
+    assert lease.cuda_visible_devices == "GPU-a1,GPU-b2"
 
 
 def test_slot_lock_is_exclusive_across_descriptors(tmp_path: Path) -> None:
