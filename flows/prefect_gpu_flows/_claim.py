@@ -7,6 +7,14 @@ sees a released slot within a couple of milliseconds instead of sleeping a serve
 Prefect lease (one GCL slot) that accounts for it: a holder that leaves while others queue leaves
 that lease on the file and the next claimant adopts it with no server request, so the server's
 ``active_slots`` counts exactly the slots held or being handed over, never more than the limit.
+
+Every admission is decided on a reading of the limit taken after the claimant called
+``gpu_slot()`` and less than a second old, so a lowered limit keeps out whoever arrives after it.
+The head keeps its reading (and the limit each lease grant reports) in ``gate.lock`` for the
+claimants queued behind it. A claimant still queued after ``_READ_AFTER`` reads the limit itself
+while it waits, so no read delays a hand-over; a crowd arriving at once (a worker starting its
+flow runs) takes its first slots on one read and the lease grants' answers, instead of first
+sending one read each to a server that the first lease request then waits behind.
 """
 
 from __future__ import annotations
@@ -27,14 +35,25 @@ from prefect_gpu_flows._config import (
     logger,
 )
 from prefect_gpu_flows._keeper import PARK_RETRY, keeper
-from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, unlock
+from prefect_gpu_flows._locks import (
+    Cancelled,
+    LeaseRecord,
+    LimitReading,
+    SlotFile,
+    lock_wait,
+    read_reading,
+    unlock,
+    write_reading,
+)
 
 __all__ = ["Holding", "acquire"]
 
 _POLL = 0.001
 """Seconds between the queue head's looks at the slot files (cheap local syscalls)."""
 _LIMIT_REFRESH = 1.0
-"""Seconds between re-reads of the limit while waiting, so raising or lowering it takes effect."""
+"""Age (s) at which a reading of the limit is read again, so raising or lowering it takes effect."""
+_READ_AFTER = 0.05
+"""Seconds a claimant queues before it reads the limit itself (while it goes on waiting)."""
 _MAX_SERVER_WAIT = 0.5
 """Cap on a server-suggested Retry-After: local slots may free up sooner than it predicts."""
 _ADOPT_MARGIN = 5.0
@@ -66,26 +85,49 @@ class _Claim:
         config: SlotConfig,
         prefect: SyncPrefectClient,
         gpus: int,
-        limit_id: UUID,
-        limit: int,
-        read_at: float,
+        gate: int,
+        arrived: float,
+        own: LimitReading | None,
     ) -> None:
         self.config = config
         self.prefect = prefect
         self.gpus = gpus
-        self.limit_id = limit_id
-        self.limit = limit
-        self.read_at = read_at  # monotonic time the limit was read
-        config.check_limit(limit)  # slots without a device are an error
-        self.releasable = limit > 0  # see _gcl.release: nothing is released at limit 0
-        self.span = self._span()
+        self.gate = gate
+        kept = read_reading(gate)
+        usable = [
+            reading
+            for reading in (kept, own)
+            if reading is not None
+            and reading.name == config.limit_name
+            and reading.read_at >= arrived  # none from before this claimant asked
+            and _fresh(reading.read_at)
+        ]
+        newest = max(usable, key=lambda reading: reading.read_at, default=None)
+        if newest is None:
+            self.refresh()
+        else:
+            self._take(newest)
+            if newest is own:
+                write_reading(gate, newest)
 
     def refresh(self) -> None:
-        read_at = time.monotonic()
-        self.limit_id, self.limit = _read_limit(self.config, self.prefect)
-        self.config.check_limit(self.limit)
-        self.read_at = read_at
-        self.releasable = self.limit > 0
+        read_at = time.time()
+        limit_id, limit = _read_limit(self.config, self.prefect)
+        self._learn(limit_id, limit, read_at)
+
+    def stale(self) -> bool:
+        return not _fresh(self.read_at)
+
+    def _learn(self, limit_id: UUID, limit: int, read_at: float) -> None:
+        """Take a new reading of the limit and keep it for the next head."""
+        reading = LimitReading(self.config.limit_name, limit_id, limit, read_at)
+        self._take(reading)
+        write_reading(self.gate, reading)
+
+    def _take(self, reading: LimitReading) -> None:
+        self.config.check_limit(reading.limit)  # slots without a device are an error
+        self.limit_id, self.limit, self.read_at = reading.limit_id, reading.limit, reading.read_at
+        self.releasable = self.limit > 0  # see _gcl.release: nothing is released at limit 0
         self.span = self._span()
 
     def _span(self) -> int:
@@ -120,13 +162,13 @@ class _Claim:
         if not chosen:
             return None
         holding = self._attach(chosen, records)
-        if time.monotonic() - self.read_at < _LIMIT_REFRESH:
-            return holding
-        # Server calls in _attach (a 503 backoff, a restarting server) took long enough for the
-        # limit to change meanwhile: a slot index may now be above it, and the server's count may
-        # not cover every local holder (a re-created limit). Check the choice on a fresh read.
+        # Server calls in _attach (a 503 backoff, a restarting server) may have taken long enough
+        # for the limit to change meanwhile, or the lease answer brought a new one: a slot index
+        # may now be above it, and the server's count may not cover every local holder (a
+        # re-created limit). Check the choice on a fresh reading.
         try:
-            self.refresh()
+            if self.stale():
+                self.refresh()
         except BaseException:
             holding.release()
             raise
@@ -210,11 +252,18 @@ class _Claim:
         elif record is not None:
             _gcl.release(self.prefect, record.lease_id)  # on an older incarnation of the limit
         slot.write(None)
+        asked_at = time.time()
         try:
-            record = _gcl.acquire(self.prefect, self.config.limit_name, lease_seconds)
+            record, limit = _gcl.acquire(self.prefect, self.config.limit_name, lease_seconds)
         except _gcl.LimitMissing:
             raise _missing_limit(self.config) from None
         slot.write(record)
+        try:
+            self._learn(record.limit_id, limit, asked_at)  # the server's answer is a reading too
+        except BaseException:
+            # A limit now too large for the devices: hand this lease over like the others.
+            keeper.park(slot, record.lease_id, self.prefect, delay=PARK_RETRY)
+            raise
         return record
 
 
@@ -226,6 +275,10 @@ def _missing_limit(config: SlotConfig) -> GpuLimitNotFoundError:
         f"creates limits itself (outside Kubernetes: `prefect gcl create {config.limit_name} "
         f"--limit <gpus>`)."
     )
+
+
+def _fresh(read_at: float) -> bool:
+    return 0 <= time.time() - read_at < _LIMIT_REFRESH  # a clock stepped back: read again
 
 
 def _read_limit(config: SlotConfig, prefect: SyncPrefectClient) -> tuple[UUID, int]:
@@ -244,22 +297,21 @@ def acquire(
     """Wait in the node's queue, then for ``gpus`` slots; raises GpuSlotTimeout at the deadline."""
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, not {gpus}")
+    arrived = time.time()
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     prefect = _gcl.client()
-    limit_id, limit = _read_limit(config, prefect)  # fail fast on a missing limit, before queueing
-    read_at = time.monotonic()
     config.lock_dir.mkdir(parents=True, exist_ok=True)
     waiting = "other claimants on this node are ahead in the queue"
     try:
-        gate = lock_wait(config.lock_dir / "gate.lock", deadline, cancelled)
+        gate, own = _queue(config, prefect, deadline, cancelled)
     except TimeoutError:
         raise _timeout(config, timeout_seconds, waiting) from None
     try:
-        claim = _Claim(config, prefect, gpus, limit_id, limit, read_at)
+        # A reading taken since it arrived, or a new one: a missing limit fails here at once.
+        claim = _Claim(config, prefect, gpus, gate, arrived, own)
         logged: str | None = None
         while True:
-            # Also on reaching the head of the queue: the read before it may be old by now.
-            if time.monotonic() - claim.read_at >= _LIMIT_REFRESH:
+            if claim.stale():
                 claim.refresh()
             pause = _POLL
             if claim.limit < gpus:
@@ -297,6 +349,26 @@ def acquire(
             time.sleep(pause)
     finally:
         unlock(gate)
+
+
+def _queue(
+    config: SlotConfig,
+    prefect: SyncPrefectClient,
+    deadline: float | None,
+    cancelled: threading.Event | None,
+) -> tuple[int, LimitReading | None]:
+    """The node's gate, and a reading of the limit taken while waiting for it, if that was long."""
+    path = config.lock_dir / "gate.lock"
+    soon = time.monotonic() + _READ_AFTER
+    try:
+        return lock_wait(path, soon if deadline is None else min(soon, deadline), cancelled), None
+    except TimeoutError:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise
+    read_at = time.time()
+    limit_id, limit = _read_limit(config, prefect)
+    reading = LimitReading(config.limit_name, limit_id, limit, read_at)
+    return lock_wait(path, deadline, cancelled), reading
 
 
 def _timeout(config: SlotConfig, timeout_seconds: float | None, waiting: str) -> GpuSlotTimeout:

@@ -20,7 +20,17 @@ from prefect_gpu_flows import (
     _gcl,
     get_worker_id,
 )
-from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, try_lock, unlock
+from prefect_gpu_flows._locks import (
+    Cancelled,
+    LeaseRecord,
+    LimitReading,
+    SlotFile,
+    lock_wait,
+    read_reading,
+    try_lock,
+    unlock,
+    write_reading,
+)
 
 _ENV = (
     "PREFECT_GPU_LIMIT_TEMPLATE",
@@ -168,6 +178,20 @@ def test_slot_record_round_trip_and_torn_records(tmp_path: Path) -> None:
     slot.unlock()
 
 
+def test_the_gate_keeps_the_last_reading_of_the_limit(tmp_path: Path) -> None:
+    gate = try_lock(tmp_path / "gate.lock")
+    assert gate is not None
+    assert read_reading(gate) is None
+    reading = LimitReading("gpu:n", uuid4(), 4, time.time())
+    write_reading(gate, reading)
+    assert read_reading(gate) == reading
+    write_reading(gate, LimitReading("gpu:n", uuid4(), 0, 1.0))  # a shorter one replaces it
+    assert read_reading(gate) != reading
+    (tmp_path / "gate.lock").write_text('{"name": "gpu:n", "limit": "x"}')
+    assert read_reading(gate) is None
+    unlock(gate)
+
+
 def test_lock_wait_times_out_and_cancels_without_keeping_the_lock(tmp_path: Path) -> None:
     path = tmp_path / "gate.lock"
     held = try_lock(path)
@@ -226,7 +250,8 @@ def test_release_maps_refusals_and_never_retries(status: int, released: bool) ->
     without the client's minute of backoff on 5xx."""
     prefect = _RefusingClient(status)
     assert _gcl.release(prefect, uuid4()) is released  # type: ignore[arg-type]
-    assert prefect.retries_seen == [0]
+    assert _gcl.release(prefect, uuid4()) is released  # type: ignore[arg-type]
+    assert prefect.retries_seen == [0, 0]  # also when the settings are reused
     assert PREFECT_CLIENT_MAX_RETRIES.value() != 0  # only for that call
 
 
