@@ -1,12 +1,13 @@
 """Claiming slots on the node: the queue on ``gate.lock``, the head's search for free slot files,
 and adopting or acquiring the Prefect lease each slot needs.
 
-Claimers on a node queue on ``gate.lock``; only the head of the queue looks for free slots, and it
-sees a released slot within a couple of milliseconds instead of sleeping a server-suggested
-``Retry-After`` (and, on SQLite servers, a 503 backoff of seconds). A slot file records the
-Prefect lease (one GCL slot) that accounts for it: a holder that leaves while others queue leaves
-that lease on the file and the next claimant adopts it with no server request, so the server's
-``active_slots`` counts exactly the slots held or being handed over, never more than the limit.
+Claimers on a node queue on ``gate.lock``; only the head of the queue looks for free slots, and a
+leaving holder wakes it through the node's doorbell, so it takes a released slot within a fraction
+of a millisecond instead of sleeping a server-suggested ``Retry-After`` (and, on SQLite servers,
+a 503 backoff of seconds). A slot file records the Prefect lease (one GCL slot) that accounts for
+it: a holder that leaves while others queue leaves that lease on the file and the next claimant
+adopts it with no server request, so the server's ``active_slots`` counts exactly the slots held
+or being handed over, never more than the limit.
 
 Every admission is decided on a reading of the limit taken after the claimant called
 ``gpu_slot()`` and less than a second old, so a lowered limit keeps out whoever arrives after it.
@@ -37,6 +38,7 @@ from prefect_gpu_flows._config import (
 from prefect_gpu_flows._keeper import PARK_RETRY, keeper
 from prefect_gpu_flows._locks import (
     Cancelled,
+    Doorbell,
     LeaseRecord,
     LimitReading,
     SlotFile,
@@ -49,7 +51,9 @@ from prefect_gpu_flows._locks import (
 __all__ = ["Holding", "acquire"]
 
 _POLL = 0.001
-"""Seconds between the queue head's looks at the slot files (cheap local syscalls)."""
+"""Seconds between the queue head's looks at the slot files where there is no doorbell."""
+_POLL_RUNG = 0.01
+"""The same with a doorbell: only for holders that die without ringing it."""
 _LIMIT_REFRESH = 1.0
 """Age (s) at which a reading of the limit is read again, so raising or lowering it takes effect."""
 _READ_AFTER = 0.05
@@ -306,6 +310,8 @@ def acquire(
         gate, own = _queue(config, prefect, deadline, cancelled)
     except TimeoutError:
         raise _timeout(config, timeout_seconds, waiting) from None
+    # Opened before the first look, so that no release between a look and the wait is missed.
+    bell = Doorbell.open(config.lock_dir)
     try:
         # A reading taken since it arrived, or a new one: a missing limit fails here at once.
         claim = _Claim(config, prefect, gpus, gate, arrived, own)
@@ -313,7 +319,7 @@ def acquire(
         while True:
             if claim.stale():
                 claim.refresh()
-            pause = _POLL
+            pause = _POLL if bell is None else _POLL_RUNG
             if claim.limit < gpus:
                 waiting = (
                     f"limit {config.limit_name!r} is {claim.limit}, below the {gpus} GPU(s) "
@@ -346,8 +352,13 @@ def acquire(
                 raise _timeout(config, timeout_seconds, waiting)
             if deadline is not None:
                 pause = min(pause, deadline - now)
-            time.sleep(pause)
+            if bell is None:
+                time.sleep(pause)
+            else:
+                bell.wait(pause)  # a leaving holder wakes it at once
     finally:
+        if bell is not None:
+            bell.close()
         unlock(gate)
 
 

@@ -1,4 +1,5 @@
-"""Node-local ``flock`` files: the gate that queues claimers and one file per GPU slot.
+"""Node-local ``flock`` files: the gate that queues claimers and one file per GPU slot; and the
+doorbell (a FIFO) that a leaving holder rings to wake the head of the queue.
 
 A slot file is locked by the process using that slot and records the Prefect lease that accounts
 for it on the server (``{"lease_id", "limit_id", "expires"}``), or nothing. The kernel drops a
@@ -9,9 +10,11 @@ way the next claimant may adopt it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -20,11 +23,13 @@ from uuid import UUID
 
 __all__ = [
     "Cancelled",
+    "Doorbell",
     "LeaseRecord",
     "LimitReading",
     "SlotFile",
     "lock_wait",
     "read_reading",
+    "ring",
     "try_lock",
     "unlock",
     "write_reading",
@@ -209,3 +214,54 @@ class SlotFile:
                 "expires": record.expires,
             }
         _write_json(self.fd, data)
+
+
+_DOORBELL = "wake.fifo"
+
+
+class Doorbell:
+    """The head of the queue's end of the node's doorbell: ``wait()`` returns when a holder
+    leaves a slot (``ring``) or after ``timeout``, the fallback for holders that die."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, directory: Path) -> Doorbell | None:
+        """None where the lock directory cannot hold a FIFO: the head then only polls."""
+        path = directory / _DOORBELL
+        try:
+            os.mkfifo(path, 0o666)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+        try:
+            # Read and write: with a writer of its own the FIFO never reads as closed (EOF)
+            # between rings, so select() sleeps until a byte arrives.
+            return cls(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:
+            return None
+
+    def wait(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.fd, 4096)  # all rings so far: one look covers them
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def ring(directory: Path) -> None:
+    """Wake the node's head of the queue, if one waits; without one there is nothing to do."""
+    try:
+        fd = os.open(directory / _DOORBELL, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # no head has it open (ENXIO), or there never was one (ENOENT)
+    try:
+        os.write(fd, b"\0")
+    except OSError:
+        pass  # full: the head has rings waiting already
+    finally:
+        os.close(fd)

@@ -22,11 +22,13 @@ from prefect_gpu_flows import (
 )
 from prefect_gpu_flows._locks import (
     Cancelled,
+    Doorbell,
     LeaseRecord,
     LimitReading,
     SlotFile,
     lock_wait,
     read_reading,
+    ring,
     try_lock,
     unlock,
     write_reading,
@@ -224,6 +226,29 @@ def test_lock_wait_wakes_when_released(tmp_path: Path) -> None:
     fd = lock_wait(path, time.monotonic() + 5, None)
     assert time.monotonic() - start < 1
     unlock(fd)
+
+
+def test_a_ring_wakes_the_head_at_once_and_only_a_ring_does(tmp_path: Path) -> None:
+    ring(tmp_path)  # no head waits: nothing happens
+    bell = Doorbell.open(tmp_path)
+    assert bell is not None
+    try:
+        threading.Timer(0.05, ring, args=(tmp_path,)).start()
+        start = time.monotonic()
+        bell.wait(5)
+        assert time.monotonic() - start < 2
+        # The ringer has closed its end: the bell must not read as closed and wake at once.
+        start = time.monotonic()
+        bell.wait(0.3)
+        assert time.monotonic() - start >= 0.3
+        for _ in range(3):
+            ring(tmp_path)
+        bell.wait(5)  # one wake covers rings that came before it
+        start = time.monotonic()
+        bell.wait(0.2)
+        assert time.monotonic() - start >= 0.2
+    finally:
+        bell.close()
 
 
 class _RefusingClient:
