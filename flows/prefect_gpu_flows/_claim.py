@@ -9,17 +9,19 @@ it: a holder that leaves while others queue leaves that lease on the file and th
 adopts it with no server request, so the server's ``active_slots`` counts exactly the slots held
 or being handed over, never more than the limit.
 
-Every admission is decided on a reading of the limit taken after the claimant called
-``gpu_slot()`` and less than a second old, so a lowered limit keeps out whoever arrives after it.
-The head keeps its reading (and the limit each lease grant reports) in ``gate.lock`` for the
-claimants queued behind it. A claimant still queued after ``_READ_AFTER`` reads the limit itself
-while it waits, so no read delays a hand-over; a crowd arriving at once (a worker starting its
-flow runs) takes its first slots on one read and the lease grants' answers, instead of first
-sending one read each to a server that the first lease request then waits behind.
+Admissions are decided on a reading of the limit under a second old (``_LIMIT_REFRESH``). A
+claimant that finds nobody ahead of it reads the limit after it asked, so a lowered limit keeps
+it out at once: when a free slot has no lease to adopt, the lease request itself is that read
+(the grant reports the limit), one request instead of two. One that queues uses the reading the
+head keeps in ``gate.lock`` (its reads, and the limit each grant reports), as a waiting head
+always did. So queueing and handing a slot over cost no request, and a crowd arriving at once (a
+worker starting its flow runs) takes its first slots on one lease request each.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
@@ -44,6 +46,7 @@ from prefect_gpu_flows._locks import (
     SlotFile,
     lock_wait,
     read_reading,
+    try_lock,
     unlock,
     write_reading,
 )
@@ -56,8 +59,6 @@ _POLL_RUNG = 0.01
 """The same with a doorbell: only for holders that die without ringing it."""
 _LIMIT_REFRESH = 1.0
 """Age (s) at which a reading of the limit is read again, so raising or lowering it takes effect."""
-_READ_AFTER = 0.05
-"""Seconds a claimant queues before it reads the limit itself (while it goes on waiting)."""
 _MAX_SERVER_WAIT = 0.5
 """Cap on a server-suggested Retry-After: local slots may free up sooner than it predicts."""
 _ADOPT_MARGIN = 5.0
@@ -90,29 +91,17 @@ class _Claim:
         prefect: SyncPrefectClient,
         gpus: int,
         gate: int,
-        arrived: float,
-        own: LimitReading | None,
+        reading: LimitReading | None,
     ) -> None:
         self.config = config
         self.prefect = prefect
         self.gpus = gpus
         self.gate = gate
-        kept = read_reading(gate)
-        usable = [
-            reading
-            for reading in (kept, own)
-            if reading is not None
-            and reading.name == config.limit_name
-            and reading.read_at >= arrived  # none from before this claimant asked
-            and _fresh(reading.read_at)
-        ]
-        newest = max(usable, key=lambda reading: reading.read_at, default=None)
-        if newest is None:
+        self._next: concurrent.futures.Future[LimitReading] | None = None
+        if reading is None:
             self.refresh()
         else:
-            self._take(newest)
-            if newest is own:
-                write_reading(gate, newest)
+            self._learn(reading.limit_id, reading.limit, reading.read_at)
 
     def refresh(self) -> None:
         read_at = time.time()
@@ -121,6 +110,34 @@ class _Claim:
 
     def stale(self) -> bool:
         return not _fresh(self.read_at)
+
+    def refresh_ahead(self) -> None:
+        """Read the limit again in a helper thread once the reading is half-way to stale, and take
+        the answer when it is there: the head goes on watching the slots meanwhile, so no hand-over
+        waits for the server."""
+        if self._next is not None:
+            if self._next.done():
+                reading = self._next.result()  # a missing limit raises here
+                self._next = None
+                if reading.read_at > self.read_at:
+                    self._learn(reading.limit_id, reading.limit, reading.read_at)
+            return
+        if time.time() - self.read_at < _LIMIT_REFRESH / 2:
+            return
+        future: concurrent.futures.Future[LimitReading] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        self._next = future
+        context = contextvars.copy_context()  # the run logger follows into the thread
+
+        def read() -> None:
+            try:
+                read_at = time.time()
+                limit_id, limit = context.run(_read_limit, self.config, self.prefect)
+                future.set_result(LimitReading(self.config.limit_name, limit_id, limit, read_at))
+            except BaseException as error:
+                future.set_exception(error)
+
+        threading.Thread(target=read, name="gpu-slot-limit", daemon=True).start()
 
     def _learn(self, limit_id: UUID, limit: int, read_at: float) -> None:
         """Take a new reading of the limit and keep it for the next head."""
@@ -301,24 +318,31 @@ def acquire(
     """Wait in the node's queue, then for ``gpus`` slots; raises GpuSlotTimeout at the deadline."""
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, not {gpus}")
-    arrived = time.time()
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     prefect = _gcl.client()
     config.lock_dir.mkdir(parents=True, exist_ok=True)
     waiting = "other claimants on this node are ahead in the queue"
+    path = config.lock_dir / "gate.lock"
+    gate = try_lock(path)
+    queued = gate is None
     try:
-        gate, own = _queue(config, prefect, deadline, cancelled)
+        gate = gate if gate is not None else lock_wait(path, deadline, cancelled)
     except TimeoutError:
         raise _timeout(config, timeout_seconds, waiting) from None
     # Opened before the first look, so that no release between a look and the wait is missed.
     bell = Doorbell.open(config.lock_dir)
     try:
-        # A reading taken since it arrived, or a new one: a missing limit fails here at once.
-        claim = _Claim(config, prefect, gpus, gate, arrived, own)
+        kept = read_reading(gate) if queued else None  # nobody ahead: read after asking
+        if kept is None or kept.name != config.limit_name or not _fresh(kept.read_at):
+            kept = _lease_unread(config, prefect) if gpus == 1 else None
+        # That reading, or a new one: a missing limit fails here, at once.
+        claim = _Claim(config, prefect, gpus, gate, kept)
         logged: str | None = None
         while True:
             if claim.stale():
-                claim.refresh()
+                claim.refresh()  # the read ahead was late: wait for one
+            else:
+                claim.refresh_ahead()
             pause = _POLL if bell is None else _POLL_RUNG
             if claim.limit < gpus:
                 waiting = (
@@ -362,24 +386,50 @@ def acquire(
         unlock(gate)
 
 
-def _queue(
-    config: SlotConfig,
-    prefect: SyncPrefectClient,
-    deadline: float | None,
-    cancelled: threading.Event | None,
-) -> tuple[int, LimitReading | None]:
-    """The node's gate, and a reading of the limit taken while waiting for it, if that was long."""
-    path = config.lock_dir / "gate.lock"
-    soon = time.monotonic() + _READ_AFTER
+def _lease_unread(config: SlotConfig, prefect: SyncPrefectClient) -> LimitReading | None:
+    """Ask for a lease on the lowest free slot without one; the grant reports the limit. The
+    lease stays on the slot file for the claim to adopt once it has checked the limit (or to
+    release, should the slot be above it). None, and no lease, where this cannot be done: a free
+    slot has a lease to adopt (deciding needs a read), or the server has no slot now."""
+    slot = _first_free_slot(config)
+    if slot is None:
+        return None
+    asked_at = time.time()
     try:
-        return lock_wait(path, soon if deadline is None else min(soon, deadline), cancelled), None
-    except TimeoutError:
-        if deadline is not None and time.monotonic() >= deadline:
+        record, limit = _gcl.acquire(prefect, config.limit_name, config.lease_seconds)
+    except _gcl.SlotRefused:
+        return None  # the claim reads the limit and says why it waits
+    except _gcl.LimitMissing:
+        raise _missing_limit(config) from None
+    else:
+        try:
+            config.check_limit(limit)  # slots without a device: give the lease straight back
+        except BaseException:
+            _gcl.release(prefect, record.lease_id)
             raise
-    read_at = time.time()
-    limit_id, limit = _read_limit(config, prefect)
-    reading = LimitReading(config.limit_name, limit_id, limit, read_at)
-    return lock_wait(path, deadline, cancelled), reading
+        slot.write(record)
+        keeper.park(slot, record.lease_id, prefect, delay=PARK_RETRY)  # unless adopted
+        return LimitReading(config.limit_name, record.limit_id, limit, asked_at)
+    finally:
+        slot.unlock()
+
+
+def _first_free_slot(config: SlotConfig) -> SlotFile | None:
+    """The lowest free slot, locked, if it has no lease on file; else None."""
+    indices = [
+        int(path.stem.removeprefix("slot-"))
+        for path in config.lock_dir.glob("slot-*.lock")
+        if path.stem.removeprefix("slot-").isdigit()
+    ]
+    for index in range(max(indices, default=-1) + 2):
+        slot = SlotFile(config.lock_dir, index)
+        if not slot.try_lock():
+            continue
+        if slot.read() is None:
+            return slot
+        slot.unlock()
+        return None
+    return None
 
 
 def _timeout(config: SlotConfig, timeout_seconds: float | None, waiting: str) -> GpuSlotTimeout:

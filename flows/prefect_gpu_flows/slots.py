@@ -112,6 +112,8 @@ def _lease(holding: Holding, pin: Pin) -> GpuLease:
 
 
 def _config(gpus: int) -> SlotConfig:
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, not {gpus}")
     config = SlotConfig.from_env()
     try:
         config.devices.check_request(gpus)

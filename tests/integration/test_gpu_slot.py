@@ -33,6 +33,7 @@ from prefect_gpu_flows import (
     GpuLimitNotFoundError,
     GpuSlotTimeout,
     MissingWorkerIdError,
+    _gcl,
     async_gpu_slot,
     gpu_slot,
 )
@@ -569,3 +570,27 @@ def test_concurrent_blocks_in_one_process_pin_only_the_first_and_say_so(
     assert f"holds {other.devices[0]} but cannot pin this process's CUDA" in caplog.text
     assert "lease.env" in caplog.text
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_a_lone_first_acquire_is_one_lease_request(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody queued, no lease to adopt: the lease grant reports the limit, no read before it."""
+    node.create_limit(2)
+    calls: list[str] = []
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(_gcl, name)
+
+        def call(*args: Any) -> Any:
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("read_limit", "acquire"):
+        monkeypatch.setattr(_gcl, name, counted(name))
+    with gpu_slot(timeout_seconds=5) as lease:
+        assert lease.devices == ("0",)
+        assert node.active_slots() == 1
+    assert calls == ["acquire"]
