@@ -2,9 +2,9 @@
 and adopting or acquiring the Prefect lease each slot needs.
 
 Claimers on a node queue on ``gate.lock``; only the head of the queue looks for free slots, and a
-leaving holder wakes it through the node's doorbell, so it takes a released slot within a fraction
-of a millisecond instead of sleeping a server-suggested ``Retry-After`` (and, on SQLite servers,
-a 503 backoff of seconds). A slot file records the Prefect lease (one GCL slot) that accounts for
+leaving holder wakes it through the node's doorbell, so it takes a released slot in about a
+millisecond instead of sleeping a server-suggested ``Retry-After`` (and, on SQLite servers, a 503
+backoff of seconds). A slot file records the Prefect lease (one GCL slot) that accounts for
 it: a holder that leaves while others queue leaves that lease on the file and the next claimant
 adopts it with no server request, so the server's ``active_slots`` counts exactly the slots held
 or being handed over, never more than the limit.
