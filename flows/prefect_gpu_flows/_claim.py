@@ -1,16 +1,27 @@
 """Claiming slots on the node: the queue on ``gate.lock``, the head's search for free slot files,
 and adopting or acquiring the Prefect lease each slot needs.
 
-Claimers on a node queue on ``gate.lock``; only the head of the queue looks for free slots, and it
-sees a released slot within a couple of milliseconds instead of sleeping a server-suggested
-``Retry-After`` (and, on SQLite servers, a 503 backoff of seconds). A slot file records the
-Prefect lease (one GCL slot) that accounts for it: a holder that leaves while others queue leaves
-that lease on the file and the next claimant adopts it with no server request, so the server's
-``active_slots`` counts exactly the slots held or being handed over, never more than the limit.
+Claimers on a node queue on ``gate.lock``; only the head of the queue looks for free slots, and a
+leaving holder wakes it through the node's doorbell, so it takes a released slot in about a
+millisecond instead of sleeping a server-suggested ``Retry-After`` (and, on SQLite servers, a 503
+backoff of seconds). A slot file records the Prefect lease (one GCL slot) that accounts for
+it: a holder that leaves while others queue leaves that lease on the file and the next claimant
+adopts it with no server request, so the server's ``active_slots`` counts exactly the slots held
+or being handed over, never more than the limit.
+
+Admissions are decided on a reading of the limit under a second old (``_LIMIT_REFRESH``). A
+claimant that finds nobody ahead of it reads the limit after it asked, so a lowered limit keeps
+it out at once: when a free slot has no lease to adopt, the lease request itself is that read
+(the grant reports the limit), one request instead of two. One that queues uses the reading the
+head keeps in ``gate.lock`` (its reads, and the limit each grant reports), as a waiting head
+always did. So queueing and handing a slot over cost no request, and a crowd arriving at once (a
+worker starting its flow runs) takes its first slots on one lease request each.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
@@ -27,14 +38,27 @@ from prefect_gpu_flows._config import (
     logger,
 )
 from prefect_gpu_flows._keeper import PARK_RETRY, keeper
-from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, unlock
+from prefect_gpu_flows._locks import (
+    Cancelled,
+    Doorbell,
+    LeaseRecord,
+    LimitReading,
+    SlotFile,
+    lock_wait,
+    read_reading,
+    try_lock,
+    unlock,
+    write_reading,
+)
 
 __all__ = ["Holding", "acquire"]
 
 _POLL = 0.001
-"""Seconds between the queue head's looks at the slot files (cheap local syscalls)."""
+"""Seconds between the queue head's looks at the slot files where there is no doorbell."""
+_POLL_RUNG = 0.01
+"""The same with a doorbell: only for holders that die without ringing it."""
 _LIMIT_REFRESH = 1.0
-"""Seconds between re-reads of the limit while waiting, so raising or lowering it takes effect."""
+"""Age (s) at which a reading of the limit is read again, so raising or lowering it takes effect."""
 _MAX_SERVER_WAIT = 0.5
 """Cap on a server-suggested Retry-After: local slots may free up sooner than it predicts."""
 _ADOPT_MARGIN = 5.0
@@ -50,7 +74,7 @@ class Holding:
     records: list[LeaseRecord] = field(default_factory=list)
 
     @property
-    def devices(self) -> tuple[int, ...]:
+    def devices(self) -> tuple[str, ...]:
         return tuple(self.config.device_of(slot.index) for slot in self.slots)
 
     def release(self) -> None:
@@ -66,24 +90,65 @@ class _Claim:
         config: SlotConfig,
         prefect: SyncPrefectClient,
         gpus: int,
-        limit_id: UUID,
-        limit: int,
-        read_at: float,
+        gate: int,
+        reading: LimitReading | None,
     ) -> None:
         self.config = config
         self.prefect = prefect
         self.gpus = gpus
-        self.limit_id = limit_id
-        self.limit = limit
-        self.read_at = read_at  # monotonic time the limit was read
-        self.releasable = limit > 0  # see _gcl.release: nothing is released at limit 0
-        self.span = self._span()
+        self.gate = gate
+        self._next: concurrent.futures.Future[LimitReading] | None = None
+        if reading is None:
+            self.refresh()
+        else:
+            self._learn(reading.limit_id, reading.limit, reading.read_at)
 
     def refresh(self) -> None:
-        read_at = time.monotonic()
-        self.limit_id, self.limit = _read_limit(self.config, self.prefect)
-        self.read_at = read_at
-        self.releasable = self.limit > 0
+        read_at = time.time()
+        limit_id, limit = _read_limit(self.config, self.prefect)
+        self._learn(limit_id, limit, read_at)
+
+    def stale(self) -> bool:
+        return not _fresh(self.read_at)
+
+    def refresh_ahead(self) -> None:
+        """Read the limit again in a helper thread once the reading is half-way to stale, and take
+        the answer when it is there: the head goes on watching the slots meanwhile, so no hand-over
+        waits for the server."""
+        if self._next is not None:
+            if self._next.done():
+                reading = self._next.result()  # a missing limit raises here
+                self._next = None
+                if reading.read_at > self.read_at:
+                    self._learn(reading.limit_id, reading.limit, reading.read_at)
+            return
+        if time.time() - self.read_at < _LIMIT_REFRESH / 2:
+            return
+        future: concurrent.futures.Future[LimitReading] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        self._next = future
+        context = contextvars.copy_context()  # the run logger follows into the thread
+
+        def read() -> None:
+            try:
+                read_at = time.time()
+                limit_id, limit = context.run(_read_limit, self.config, self.prefect)
+                future.set_result(LimitReading(self.config.limit_name, limit_id, limit, read_at))
+            except BaseException as error:
+                future.set_exception(error)
+
+        threading.Thread(target=read, name="gpu-slot-limit", daemon=True).start()
+
+    def _learn(self, limit_id: UUID, limit: int, read_at: float) -> None:
+        """Take a new reading of the limit and keep it for the next head."""
+        reading = LimitReading(self.config.limit_name, limit_id, limit, read_at)
+        self._take(reading)
+        write_reading(self.gate, reading)
+
+    def _take(self, reading: LimitReading) -> None:
+        self.config.check_limit(reading.limit)  # slots without a device are an error
+        self.limit_id, self.limit, self.read_at = reading.limit_id, reading.limit, reading.read_at
+        self.releasable = self.limit > 0  # see _gcl.release: nothing is released at limit 0
         self.span = self._span()
 
     def _span(self) -> int:
@@ -106,7 +171,7 @@ class _Claim:
                 # Prefer slots whose lease can be adopted: that needs no server request.
                 below = [slot for slot in free if slot.index < self.limit]
                 below.sort(key=lambda slot: (not self._adoptable(records[slot.index]), slot.index))
-                chosen = below[: self.gpus]
+                chosen = self._on_distinct_devices(below)
             self._drop_surplus(free, chosen, records, room=self.limit - busy - len(chosen))
         except BaseException:
             chosen = []
@@ -118,13 +183,13 @@ class _Claim:
         if not chosen:
             return None
         holding = self._attach(chosen, records)
-        if time.monotonic() - self.read_at < _LIMIT_REFRESH:
-            return holding
-        # Server calls in _attach (a 503 backoff, a restarting server) took long enough for the
-        # limit to change meanwhile: a slot index may now be above it, and the server's count may
-        # not cover every local holder (a re-created limit). Check the choice on a fresh read.
+        # Server calls in _attach (a 503 backoff, a restarting server) may have taken long enough
+        # for the limit to change meanwhile, or the lease answer brought a new one: a slot index
+        # may now be above it, and the server's count may not cover every local holder (a
+        # re-created limit). Check the choice on a fresh reading.
         try:
-            self.refresh()
+            if self.stale():
+                self.refresh()
         except BaseException:
             holding.release()
             raise
@@ -132,6 +197,15 @@ class _Claim:
             return holding
         holding.release()  # the leases stay on their files: adopted or released later
         return None
+
+    def _on_distinct_devices(self, candidates: list[SlotFile]) -> list[SlotFile]:
+        """The first ``gpus`` candidates on different devices (slots may share one), or none."""
+        chosen: dict[str, SlotFile] = {}
+        for slot in candidates:
+            chosen.setdefault(self.config.device_of(slot.index), slot)
+            if len(chosen) == self.gpus:
+                return list(chosen.values())
+        return []
 
     def _slot(self, index: int) -> SlotFile:
         return SlotFile(self.config.lock_dir, index)
@@ -199,11 +273,18 @@ class _Claim:
         elif record is not None:
             _gcl.release(self.prefect, record.lease_id)  # on an older incarnation of the limit
         slot.write(None)
+        asked_at = time.time()
         try:
-            record = _gcl.acquire(self.prefect, self.config.limit_name, lease_seconds)
+            record, limit = _gcl.acquire(self.prefect, self.config.limit_name, lease_seconds)
         except _gcl.LimitMissing:
             raise _missing_limit(self.config) from None
         slot.write(record)
+        try:
+            self._learn(record.limit_id, limit, asked_at)  # the server's answer is a reading too
+        except BaseException:
+            # A limit now too large for the devices: hand this lease over like the others.
+            keeper.park(slot, record.lease_id, self.prefect, delay=PARK_RETRY)
+            raise
         return record
 
 
@@ -215,6 +296,10 @@ def _missing_limit(config: SlotConfig) -> GpuLimitNotFoundError:
         f"creates limits itself (outside Kubernetes: `prefect gcl create {config.limit_name} "
         f"--limit <gpus>`)."
     )
+
+
+def _fresh(read_at: float) -> bool:
+    return 0 <= time.time() - read_at < _LIMIT_REFRESH  # a clock stepped back: read again
 
 
 def _read_limit(config: SlotConfig, prefect: SyncPrefectClient) -> tuple[UUID, int]:
@@ -235,22 +320,30 @@ def acquire(
         raise ValueError(f"gpus must be at least 1, not {gpus}")
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     prefect = _gcl.client()
-    limit_id, limit = _read_limit(config, prefect)  # fail fast on a missing limit, before queueing
-    read_at = time.monotonic()
     config.lock_dir.mkdir(parents=True, exist_ok=True)
     waiting = "other claimants on this node are ahead in the queue"
+    path = config.lock_dir / "gate.lock"
+    gate = try_lock(path)
+    queued = gate is None
     try:
-        gate = lock_wait(config.lock_dir / "gate.lock", deadline, cancelled)
+        gate = gate if gate is not None else lock_wait(path, deadline, cancelled)
     except TimeoutError:
         raise _timeout(config, timeout_seconds, waiting) from None
+    # Opened before the first look, so that no release between a look and the wait is missed.
+    bell = Doorbell.open(config.lock_dir)
     try:
-        claim = _Claim(config, prefect, gpus, limit_id, limit, read_at)
+        kept = read_reading(gate) if queued else None  # nobody ahead: read after asking
+        if kept is None or kept.name != config.limit_name or not _fresh(kept.read_at):
+            kept = _lease_unread(config, prefect) if gpus == 1 else None
+        # That reading, or a new one: a missing limit fails here, at once.
+        claim = _Claim(config, prefect, gpus, gate, kept)
         logged: str | None = None
         while True:
-            # Also on reaching the head of the queue: the read before it may be old by now.
-            if time.monotonic() - claim.read_at >= _LIMIT_REFRESH:
-                claim.refresh()
-            pause = _POLL
+            if claim.stale():
+                claim.refresh()  # the read ahead was late: wait for one
+            else:
+                claim.refresh_ahead()
+            pause = _POLL if bell is None else _POLL_RUNG
             if claim.limit < gpus:
                 waiting = (
                     f"limit {config.limit_name!r} is {claim.limit}, below the {gpus} GPU(s) "
@@ -283,9 +376,60 @@ def acquire(
                 raise _timeout(config, timeout_seconds, waiting)
             if deadline is not None:
                 pause = min(pause, deadline - now)
-            time.sleep(pause)
+            if bell is None:
+                time.sleep(pause)
+            else:
+                bell.wait(pause)  # a leaving holder wakes it at once
     finally:
+        if bell is not None:
+            bell.close()
         unlock(gate)
+
+
+def _lease_unread(config: SlotConfig, prefect: SyncPrefectClient) -> LimitReading | None:
+    """Ask for a lease on the lowest free slot without one; the grant reports the limit. The
+    lease stays on the slot file for the claim to adopt once it has checked the limit (or to
+    release, should the slot be above it). None, and no lease, where this cannot be done: a free
+    slot has a lease to adopt (deciding needs a read), or the server has no slot now."""
+    slot = _first_free_slot(config)
+    if slot is None:
+        return None
+    asked_at = time.time()
+    try:
+        record, limit = _gcl.acquire(prefect, config.limit_name, config.lease_seconds)
+    except _gcl.SlotRefused:
+        return None  # the claim reads the limit and says why it waits
+    except _gcl.LimitMissing:
+        raise _missing_limit(config) from None
+    else:
+        try:
+            config.check_limit(limit)  # slots without a device: give the lease straight back
+        except BaseException:
+            _gcl.release(prefect, record.lease_id)
+            raise
+        slot.write(record)
+        keeper.park(slot, record.lease_id, prefect, delay=PARK_RETRY)  # unless adopted
+        return LimitReading(config.limit_name, record.limit_id, limit, asked_at)
+    finally:
+        slot.unlock()
+
+
+def _first_free_slot(config: SlotConfig) -> SlotFile | None:
+    """The lowest free slot, locked, if it has no lease on file; else None."""
+    indices = [
+        int(path.stem.removeprefix("slot-"))
+        for path in config.lock_dir.glob("slot-*.lock")
+        if path.stem.removeprefix("slot-").isdigit()
+    ]
+    for index in range(max(indices, default=-1) + 2):
+        slot = SlotFile(config.lock_dir, index)
+        if not slot.try_lock():
+            continue
+        if slot.read() is None:
+            return slot
+        slot.unlock()
+        return None
+    return None
 
 
 def _timeout(config: SlotConfig, timeout_seconds: float | None, waiting: str) -> GpuSlotTimeout:

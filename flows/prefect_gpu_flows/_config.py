@@ -4,18 +4,24 @@
 ``PREFECT_GPU_LIMIT_TEMPLATE`` with ``{node}`` replaced by it (default ``gpu:{node}``, the same
 grammar as a GPULimitPolicy's ``limitNameTemplate``; ``PREFECT_GPU_LIMIT_PREFIX=gpu:`` is the
 older spelling of ``gpu:{node}``). ``PREFECT_GPU_LOCK_DIR`` (default ``/tmp/prefect-gpu-locks``)
-must be one directory for every process of the node; ``PREFECT_GPU_DEVICE_COUNT`` (physical
-GPUs, for nodes whose limit counts several slots per GPU; default: the limit) and
-``PREFECT_GPU_LEASE_SECONDS`` (default 60, the server's minimum).
+must be one directory for every process of the node. The devices are the container's (see
+``_devices``); ``PREFECT_GPU_SLOTS_PER_DEVICE`` (default 1) is how many slots one device serves
+(time-sliced or MPS GPUs), and a limit above devices x that is an error. The older
+``PREFECT_GPU_DEVICE_COUNT=n`` still works: it uses the first n devices and lets each serve as
+many slots as the limit gives, unless ``PREFECT_GPU_SLOTS_PER_DEVICE`` is set too.
+``PREFECT_GPU_LEASE_SECONDS`` defaults to 60, the server's minimum.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefect_gpu_flows._cuda import nvml_devices, unpinned_environ
+from prefect_gpu_flows._devices import DeviceError, Devices
 from prefect_gpu_flows._limit_names import (
     DEFAULT_LIMIT_NAME_TEMPLATE,
     NODE_PLACEHOLDER,
@@ -25,6 +31,7 @@ from prefect_gpu_flows._limit_names import (
 )
 
 __all__ = [
+    "GpuDeviceError",
     "GpuLimitNotFoundError",
     "GpuSlotError",
     "GpuSlotTimeout",
@@ -45,6 +52,10 @@ class MissingWorkerIdError(GpuSlotError):
 
 class GpuLimitNotFoundError(GpuSlotError):
     """The node's limit does not exist on the Prefect server."""
+
+
+class GpuDeviceError(GpuSlotError):
+    """The container's devices cannot serve the request or the node's limit."""
 
 
 class GpuSlotTimeout(TimeoutError):
@@ -80,18 +91,18 @@ class SlotConfig:
     worker_id: str
     limit_template: str = DEFAULT_LIMIT_NAME_TEMPLATE
     lock_root: Path = Path("/tmp/prefect-gpu-locks")
-    device_count: int | None = None
+    devices: Devices = field(default_factory=lambda: Devices(None, "unknown"))
     lease_seconds: float = 60.0
 
     @classmethod
     def from_env(cls) -> SlotConfig:
-        count = os.environ.get("PREFECT_GPU_DEVICE_COUNT")
+        environ = unpinned_environ()  # inside another block, its pin is not this container's
         return cls(
             worker_id=get_worker_id(),
             limit_template=_limit_template(),
-            lock_root=Path(os.environ.get("PREFECT_GPU_LOCK_DIR", "/tmp/prefect-gpu-locks")),
-            device_count=int(count) if count else None,
-            lease_seconds=float(os.environ.get("PREFECT_GPU_LEASE_SECONDS", "60")),
+            lock_root=Path(environ.get("PREFECT_GPU_LOCK_DIR", "/tmp/prefect-gpu-locks")),
+            devices=_devices(environ),
+            lease_seconds=float(environ.get("PREFECT_GPU_LEASE_SECONDS", "60")),
         )
 
     @property
@@ -105,9 +116,40 @@ class SlotConfig:
     def lock_dir(self) -> Path:
         return self.lock_root / self.worker_id
 
-    def device_of(self, slot: int) -> int:
-        """Slot i is device i, or i mod the device count when several slots share a GPU."""
-        return slot % self.device_count if self.device_count else slot
+    def device_of(self, slot: int) -> str:
+        """The name of slot ``slot``'s device (see ``_devices``)."""
+        return self.devices.of_slot(slot)
+
+    def check_limit(self, limit: int) -> None:
+        """GpuDeviceError if the limit has slots that no device of this container can serve."""
+        try:
+            self.devices.check_limit(self.limit_name, limit)
+        except DeviceError as error:
+            raise GpuDeviceError(str(error)) from None
+
+
+def _devices(environ: Mapping[str, str]) -> Devices:
+    per_device = environ.get("PREFECT_GPU_SLOTS_PER_DEVICE")
+    count = environ.get("PREFECT_GPU_DEVICE_COUNT")
+    try:
+        return Devices.from_environment(
+            environ,
+            nvml_devices,
+            # The older PREFECT_GPU_DEVICE_COUNT alone set no bound per device: keep it so.
+            slots_per_device=_number("PREFECT_GPU_SLOTS_PER_DEVICE", per_device)
+            if per_device
+            else (None if count else 1),
+            device_count=_number("PREFECT_GPU_DEVICE_COUNT", count) if count else None,
+        )
+    except DeviceError as error:
+        raise GpuDeviceError(str(error)) from None
+
+
+def _number(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise GpuDeviceError(f"{name}={value!r} is not a whole number") from None
 
 
 def _limit_template() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import ssl
 import threading
 import time
 from uuid import UUID
@@ -18,8 +19,9 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, Settings
 
 from prefect_gpu_flows._locks import LeaseRecord
 
@@ -81,7 +83,13 @@ def client() -> SyncPrefectClient:
     with _lock:
         if _client is None or url != _client_url:
             _close()
-            _client = get_client(sync_client=True).__enter__()
+            settings = {}
+            if isinstance(url, str) and url.startswith("http://"):
+                # Prefect loads the CA bundle for every client (~25 ms, the largest part of a
+                # first acquire) even when nothing is encrypted. A context that trusts no CA
+                # costs nothing and fails closed should a redirect lead to https.
+                settings["verify"] = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            _client = get_client(sync_client=True, httpx_settings=settings).__enter__()
             _client_url = url
         return _client
 
@@ -95,8 +103,9 @@ def read_limit(prefect: SyncPrefectClient, name: str) -> tuple[UUID, int]:
     return found.id, found.limit
 
 
-def acquire(prefect: SyncPrefectClient, name: str, lease_seconds: float) -> LeaseRecord:
-    """One slot of ``name`` under a new lease; SlotRefused or LimitMissing otherwise."""
+def acquire(prefect: SyncPrefectClient, name: str, lease_seconds: float) -> tuple[LeaseRecord, int]:
+    """One slot of ``name`` under a new lease, and the limit the server counted it against;
+    SlotRefused or LimitMissing otherwise."""
     expires = time.time() + lease_seconds  # taken before the call: errs on the early side
     try:
         response = prefect.increment_concurrency_slots_with_lease(
@@ -114,7 +123,8 @@ def acquire(prefect: SyncPrefectClient, name: str, lease_seconds: float) -> Leas
     if not granted.limits:  # Prefect grants "nothing to limit" for a missing limit
         release(prefect, granted.lease_id)
         raise LimitMissing(name)
-    return LeaseRecord(granted.lease_id, granted.limits[0].id, expires)
+    limit = granted.limits[0]
+    return LeaseRecord(granted.lease_id, limit.id, expires), limit.limit
 
 
 def renew(prefect: SyncPrefectClient, lease_id: UUID, lease_seconds: float) -> float | None:
@@ -147,7 +157,7 @@ def release(prefect: SyncPrefectClient, lease_id: UUID) -> bool:
     that renews the other leases, or at exit.
     """
     try:
-        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+        with _without_retries():
             prefect.release_concurrency_slots_with_lease(lease_id=lease_id)
     except httpx.TransportError:
         return False  # unreachable: the lease stays on file and is released once it is back
@@ -157,3 +167,18 @@ def release(prefect: SyncPrefectClient, lease_id: UUID) -> bool:
         if error.response.status_code not in (404, 410):
             raise
     return True
+
+
+_quiet: tuple[Settings, Settings] | None = None  # the settings in force, and them without retries
+
+
+def _without_retries() -> SettingsContext:
+    """The current settings with the client's retries off, built once per settings: Prefect's
+    ``temporary_settings`` rebuilds them on every use (~30 ms of CPU per release)."""
+    global _quiet
+    context = get_settings_context()
+    quiet = _quiet
+    if quiet is None or quiet[0] is not context.settings:
+        updated = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+        _quiet = quiet = (context.settings, updated)
+    return SettingsContext(profile=context.profile, settings=quiet[1])

@@ -16,7 +16,7 @@ from prefect.client.orchestration import SyncPrefectClient
 
 from prefect_gpu_flows import _gcl
 from prefect_gpu_flows._config import logger
-from prefect_gpu_flows._locks import LeaseRecord, SlotFile, lock_wait, try_lock, unlock
+from prefect_gpu_flows._locks import LeaseRecord, SlotFile, lock_wait, ring, try_lock, unlock
 
 __all__ = ["PARK_RETRY", "PARK_SETTLE", "keeper"]
 
@@ -75,6 +75,7 @@ class _Keeper:
             if held.record is None:
                 slot.write(None)  # the server dropped it: nobody may adopt it
             slot.unlock()
+        ring(slot.directory)
         if held.record is not None:
             self.park(slot, lease_id, held.prefect, delay=PARK_SETTLE)
 
@@ -169,6 +170,7 @@ class _Keeper:
                                 slot.write(None)
                     finally:
                         slot.unlock()
+                        ring(left.directory)
                 # else: adopted and held by someone else, who now owns the lease
                 with self._lock:
                     if refused:

@@ -1,4 +1,5 @@
-"""Node-local ``flock`` files: the gate that queues claimers and one file per GPU slot.
+"""Node-local ``flock`` files: the gate that queues claimers and one file per GPU slot; and the
+doorbell (a FIFO) that a leaving holder rings to wake the head of the queue.
 
 A slot file is locked by the process using that slot and records the Prefect lease that accounts
 for it on the server (``{"lease_id", "limit_id", "expires"}``), or nothing. The kernel drops a
@@ -9,16 +10,30 @@ way the next claimant may adopt it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
-__all__ = ["Cancelled", "LeaseRecord", "SlotFile", "lock_wait", "try_lock", "unlock"]
+__all__ = [
+    "Cancelled",
+    "Doorbell",
+    "LeaseRecord",
+    "LimitReading",
+    "SlotFile",
+    "lock_wait",
+    "read_reading",
+    "ring",
+    "try_lock",
+    "unlock",
+    "write_reading",
+]
 
 _WAIT_TICK = 0.05
 """How often (s) a waiter with a deadline or a cancel event looks at them while blocked."""
@@ -39,6 +54,60 @@ class LeaseRecord:
     lease_id: UUID
     limit_id: UUID
     expires: float
+
+
+@dataclass(frozen=True)
+class LimitReading:
+    """The node's limit as last read from the server (``read_at``: epoch s, taken before the
+    request), kept in ``gate.lock`` so that the next head of the queue need not read it again."""
+
+    name: str
+    limit_id: UUID
+    limit: int
+    read_at: float
+
+
+def _read_json(fd: int) -> dict[str, object] | None:
+    raw = os.pread(fd, 4096, 0)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None  # torn or foreign
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(fd: int, data: dict[str, object] | None) -> None:
+    os.ftruncate(fd, 0)
+    if data is not None:
+        os.pwrite(fd, json.dumps(data).encode(), 0)
+
+
+def read_reading(gate: int) -> LimitReading | None:
+    """The reading kept in the gate file; only meaningful while holding the gate."""
+    data = _read_json(gate)
+    if data is None:
+        return None
+    try:
+        return LimitReading(
+            str(data["name"]),
+            UUID(str(data["limit_id"])),
+            int(str(data["limit"])),
+            float(str(data["read_at"])),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def write_reading(gate: int, reading: LimitReading) -> None:
+    data: dict[str, object] = {
+        "name": reading.name,
+        "limit_id": str(reading.limit_id),
+        "limit": reading.limit,
+        "read_at": reading.read_at,
+    }
+    _write_json(gate, data)
 
 
 def _open(path: Path) -> int:
@@ -123,24 +192,76 @@ class SlotFile:
     def read(self) -> LeaseRecord | None:
         """The record; only meaningful while this process holds the lock."""
         assert self.fd is not None
-        raw = os.pread(self.fd, 4096, 0)
-        if not raw:
+        data = _read_json(self.fd)
+        if data is None:
             return None
         try:
-            data = json.loads(raw)
             return LeaseRecord(
-                UUID(data["lease_id"]), UUID(data["limit_id"]), float(data["expires"])
+                UUID(str(data["lease_id"])),
+                UUID(str(data["limit_id"])),
+                float(str(data["expires"])),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError):
             return None  # a torn or foreign record: treat as no lease (the server expires it)
 
     def write(self, record: LeaseRecord | None) -> None:
         assert self.fd is not None
-        os.ftruncate(self.fd, 0)
+        data: dict[str, object] | None = None
         if record is not None:
             data = {
                 "lease_id": str(record.lease_id),
                 "limit_id": str(record.limit_id),
                 "expires": record.expires,
             }
-            os.pwrite(self.fd, json.dumps(data).encode(), 0)
+        _write_json(self.fd, data)
+
+
+_DOORBELL = "wake.fifo"
+
+
+class Doorbell:
+    """The head of the queue's end of the node's doorbell: ``wait()`` returns when a holder
+    leaves a slot (``ring``) or after ``timeout``, the fallback for holders that die."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, directory: Path) -> Doorbell | None:
+        """None where the lock directory cannot hold a FIFO: the head then only polls."""
+        path = directory / _DOORBELL
+        try:
+            os.mkfifo(path, 0o666)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+        try:
+            # Read and write: with a writer of its own the FIFO never reads as closed (EOF)
+            # between rings, so select() sleeps until a byte arrives.
+            return cls(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:
+            return None
+
+    def wait(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.fd, 4096)  # all rings so far: one look covers them
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def ring(directory: Path) -> None:
+    """Wake the node's head of the queue, if one waits; without one there is nothing to do."""
+    try:
+        fd = os.open(directory / _DOORBELL, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # no head has it open (ENXIO), or there never was one (ENOENT)
+    try:
+        os.write(fd, b"\0")
+    except OSError:
+        pass  # full: the head has rings waiting already
+    finally:
+        os.close(fd)

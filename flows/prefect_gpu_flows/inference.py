@@ -6,6 +6,8 @@ process worker runs many flow runs at once (``prefect worker start --limit N``);
 1. loads a batch of documents: no GPU, so every run does it at once;
 2. embeds them inside ``gpu_slot()``: at most as many runs as the node's limit ``gpu:<WORKER_ID>``
    hold a device, each a different one, on CUDA when onnxruntime has it and on the CPU otherwise;
+   a CUDA session is loaded inside the slot and dropped when it ends, so no model stays on a
+   device the run no longer holds;
 3. saves the vectors and a JSON summary: no GPU again, so the slot is already free for the next run.
 
 The model is all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) as the 23 MB int8 ONNX file of
@@ -18,8 +20,9 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -30,7 +33,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from prefect_gpu_flows.slots import GpuLease, gpu_slot
+from prefect_gpu_flows._config import logger
+from prefect_gpu_flows.slots import GpuDeviceError, GpuLease, gpu_slot
 
 try:
     import numpy as np
@@ -56,6 +60,7 @@ __all__ = [
     "load_documents",
     "load_encoder",
     "save_embeddings",
+    "slot_encoder",
 ]
 
 Embeddings = npt.NDArray[np.float32]
@@ -77,20 +82,19 @@ _DATA = files("prefect_gpu_flows") / "data"
 # `SentenceEncoder` adds the other two in numpy, so cosine similarity is a dot product.
 
 
-@dataclass(frozen=True)
 class SentenceEncoder:
     """all-MiniLM-L6-v2 on one device: texts in, 384-dimensional unit vectors out."""
 
-    session: Any  # onnxruntime.InferenceSession (untyped)
-    tokenizer: Tokenizer = field(repr=False)
+    def __init__(self, session: Any, tokenizer: Tokenizer) -> None:
+        self._session: Any | None = session  # onnxruntime.InferenceSession (untyped)
+        self.tokenizer = tokenizer
+        self.device = _where(session)
+        """Where the session runs: ``cuda:<n>``, or ``cpu`` (also after a CUDA fallback)."""
 
-    @property
-    def device(self) -> str:
-        """Where the session really runs: ``cuda:<n>``, or ``cpu`` (also after a CUDA fallback)."""
-        if self.session.get_providers()[0] != "CUDAExecutionProvider":
-            return "cpu"
-        options = self.session.get_provider_options()["CUDAExecutionProvider"]
-        return f"cuda:{options['device_id']}"
+    def close(self) -> None:
+        """Drop the session: on CUDA its weights and memory arena go back to the device (the
+        process's CUDA context stays until the process exits)."""
+        self._session = None
 
     def embed(self, texts: Sequence[str], batch_size: int = BATCH_SIZE) -> Embeddings:
         """Embed ``texts`` in batches of ``batch_size``; one row per text, in order."""
@@ -105,7 +109,9 @@ class SentenceEncoder:
         ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
         mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        (tokens,) = self.session.run(["last_hidden_state"], inputs)
+        if self._session is None:
+            raise RuntimeError("the encoder was closed")
+        (tokens,) = self._session.run(["last_hidden_state"], inputs)
         weights = mask[:, :, np.newaxis].astype(np.float32)
         means = (tokens * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(means, axis=1, keepdims=True)
@@ -121,16 +127,30 @@ def _tokenizer() -> Tokenizer:
     return tokenizer
 
 
+def _where(session: Any) -> str:
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return "cpu"
+    options = session.get_provider_options()["CUDAExecutionProvider"]
+    return f"cuda:{options['device_id']}"
+
+
 def load_encoder(device: int | None = None) -> SentenceEncoder:
-    """The encoder on CUDA device ``device`` (None: the CPU), loaded once per process and device.
+    """The encoder on CUDA device ``device`` (this process's index; None: the CPU).
 
-    Reads only installed files (the ONNX model and the bundled tokenizer): it works offline.
+    On the CPU it is loaded once per process: it holds no device memory, and a session takes
+    longer to load (0.3-1 s on two cores) than to embed a batch. On CUDA each call loads a new
+    session, which its caller closes when its slot ends (``slot_encoder``). Reads only installed
+    files (the ONNX model and the bundled tokenizer): it works offline.
     """
-    return _load_encoder(device)
+    return _cpu_encoder() if device is None else _load(device)
 
 
-@functools.cache  # keyed on the value alone: load_encoder() and load_encoder(None) are one entry
-def _load_encoder(device: int | None) -> SentenceEncoder:
+@functools.cache
+def _cpu_encoder() -> SentenceEncoder:
+    return _load(None)
+
+
+def _load(device: int | None) -> SentenceEncoder:
     providers: list[Any] = ["CPUExecutionProvider"]
     if device is not None:
         ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels of the [cuda] extra, if any
@@ -140,8 +160,32 @@ def _load_encoder(device: int | None) -> SentenceEncoder:
 
 
 def cuda_device(lease: GpuLease) -> int | None:
-    """The lease's first device if onnxruntime can use CUDA here, else None (the CPU)."""
-    return lease.devices[0] if "CUDAExecutionProvider" in ort.get_available_providers() else None
+    """Where this process's CUDA shows the lease's first device if onnxruntime can use CUDA
+    here, else None (the CPU); GpuDeviceError if CUDA cannot reach it (``lease.pinned``)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    if lease.cuda_index is None:
+        raise GpuDeviceError(f"cannot run on {lease.devices[0]}: {lease.unpinned_reason}")
+    return lease.cuda_index
+
+
+@contextmanager
+def slot_encoder(lease: GpuLease) -> Iterator[SentenceEncoder]:
+    """The encoder for a step inside ``gpu_slot()``: on CUDA, a session on the lease's device,
+    dropped when the block ends; on the CPU, the process's own."""
+    device = cuda_device(lease)
+    encoder = load_encoder(device)
+    try:
+        yield encoder
+    finally:
+        if device is not None:
+            encoder.close()
+    if device is not None and encoder.device == "cpu":
+        logger().warning(
+            "onnxruntime ran on the CPU although %s was held for it: its CUDA provider did not "
+            "load (see its log above)",
+            lease.devices[0],
+        )
 
 
 # ## Tasks without limits
@@ -184,10 +228,10 @@ class Embedded:
     vectors: Embeddings
     device: str
     """Where the model ran: ``cuda:<n>`` or ``cpu``."""
-    slot_devices: tuple[int, ...]
-    """The device indices gpu_slot() gave this step (also on a CPU-only node)."""
+    slot_devices: tuple[str, ...]
+    """The devices gpu_slot() gave this step (numbered slots on a CPU-only node)."""
     seconds: float
-    """Loading (if not cached) and running the model, inside the slot."""
+    """Loading (on CUDA) and running the model, inside the slot."""
     held: tuple[str, str] = ("", "")
     """When the slot was held (ISO 8601, UTC): first and last instant inside ``gpu_slot()``, so
     the held intervals of two runs on one node overlap only if the node's limit let them."""
@@ -219,8 +263,8 @@ def save_embeddings(documents: list[Document], embedded: Embedded, output_dir: P
 # ## The task with the per-node limit
 #
 # Only this step holds a slot of `gpu:<WORKER_ID>` and, with it, a device no other flow run on the
-# node holds. The model is loaded inside the slot (on CUDA, loading already takes GPU memory) and
-# cached, so a process that embeds again reuses it.
+# node holds. On CUDA the model is loaded inside the slot (loading already takes GPU memory) and
+# dropped before the slot is given back: the next holder of the device gets all of its memory.
 
 
 @task(cache_policy=NO_CACHE)
@@ -230,8 +274,8 @@ def embed(documents: list[Document]) -> Embedded:
     with gpu_slot() as lease:
         acquired = datetime.now(UTC).isoformat()
         started = time.perf_counter()
-        encoder = load_encoder(cuda_device(lease))
-        vectors = encoder.embed([document.text for document in documents])
+        with slot_encoder(lease) as encoder:
+            vectors = encoder.embed([document.text for document in documents])
         seconds = time.perf_counter() - started
         released = datetime.now(UTC).isoformat()  # still inside: the slot is released after this
     logger.info(
@@ -239,7 +283,7 @@ def embed(documents: list[Document]) -> Embedded:
         len(documents),
         encoder.device,
         lease.limit_name,
-        lease.devices,
+        ", ".join(lease.devices),
         seconds,
     )
     return Embedded(vectors, encoder.device, lease.devices, seconds, (acquired, released))

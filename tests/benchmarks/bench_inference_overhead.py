@@ -7,7 +7,11 @@ It starts its own Prefect server (SQLite, 127.0.0.1), creates the limit ``gpu:<n
 slot, loads the encoder once, and then times, round-robin so background load hits all alike:
 
 - ``model``: ``encoder.embed(texts)``, the bare model call;
-- ``gpu_slot``: the same inside ``gpu_slot()`` (the node's Prefect limit and a device lock);
+- ``gpu_slot``: the same inside ``gpu_slot()`` (the node's Prefect limit and a device lock) with
+  the slot's encoder (``slot_encoder``: on the CPU, the process's cached session);
+- ``slot+load``: inside ``gpu_slot()``, a session loaded for the slot and dropped at its end,
+  as the deployment does on CUDA so that no model outlives its slot on the device: what giving
+  the model's memory back costs per slot (its load), measured on the CPU;
 - ``task``: the deployment's ``embed`` task called from a flow (a task run, its state changes,
   ``gpu_slot()`` and the model), timed around the call as the flow sees it.
 
@@ -61,12 +65,12 @@ def main() -> None:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-        from prefect_gpu_flows import gpu_slot
+        from prefect_gpu_flows import gpu_slot, inference
         from prefect_gpu_flows.inference import (
             Document,
-            cuda_device,
             embed,
             load_encoder,
+            slot_encoder,
         )
 
         with get_client(sync_client=True) as client:
@@ -82,14 +86,24 @@ def main() -> None:
             encoder.embed(texts)
 
         def slot() -> None:
-            with gpu_slot() as lease:
-                load_encoder(cuda_device(lease)).embed(texts)
+            with gpu_slot() as lease, slot_encoder(lease) as slot_model:
+                slot_model.embed(texts)
+
+        def slot_and_load() -> None:
+            with gpu_slot():
+                loaded = inference._load(None)  # what a CUDA slot loads (on the CPU here)
+                loaded.embed(texts)
+                loaded.close()
 
         @flow(name="bench-embed")
         def task_path(runs: int) -> list[float]:
             return [timed(lambda: embed(documents)) for _ in range(runs + 1)][1:]
 
-        paths: dict[str, Callable[[], None]] = {"model": model, "gpu_slot": slot}
+        paths: dict[str, Callable[[], None]] = {
+            "model": model,
+            "gpu_slot": slot,
+            "slot+load": slot_and_load,
+        }
         for call in paths.values():
             call()  # warm-up: clients, connections, caches
         times: dict[str, list[float]] = {name: [] for name in [*paths, "task"]}

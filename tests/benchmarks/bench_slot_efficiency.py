@@ -1,15 +1,20 @@
-"""Slot efficiency of gpu_slot() against bare Prefect concurrency() and a local semaphore.
+"""Slot efficiency of gpu_slot() against a local semaphore (and, on request, bare Prefect
+concurrency()), on the two workloads the README quotes.
 
-Run: ``python tests/benchmarks/bench_slot_efficiency.py [--reps 3]`` (not collected by pytest).
+Run: ``python tests/benchmarks/bench_slot_efficiency.py [--reps 3] [--runners ...]`` (not collected
+by pytest).
 
 It starts its own Prefect server (SQLite, 127.0.0.1) and, per runner and workload, P worker
 processes that loop: take a unit, enter the slot, hold it ``d`` seconds, leave, until N units are
-done. Reported per run: makespan, efficiency (ideal N*d/K over makespan), p95 of the idle gap
-between a release and the next entry, the most holders inside at once (from the recorded
-intervals), the most ``active_slots`` the server reported (sampled every 20 ms), units per process
-(max/min), whether two holders ever shared a device, and when the K-th slot was first entered;
-then min/median/max efficiency per runner. By default each process makes one untimed use first
-(client, connection) so the figures measure hand-off; ``--cold`` includes that start-up.
+done. Reported per run: makespan, efficiency (ideal N*d/K over makespan), the same relative to the
+semaphore of the same repetition (``vs sem``), p95 of the idle gap between a release and the next
+entry, the first-acquire cost (median and max over the first K entries of the time from calling
+the slot to being inside: they find a free slot, so this is what taking one costs), the most
+holders inside at once (from the recorded intervals), the most ``active_slots`` the server reported
+(sampled every 20 ms), units per process (max/min), whether two holders ever shared a device, and
+when the K-th slot was first entered; then min/median/max per runner. By default each process
+makes one untimed use first (imports, client, connection) so the figures measure taking and
+handing over slots; ``--cold`` includes that start-up.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -32,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 RUNNERS = ("gpu_slot", "prefect", "semaphore")
+DEFAULT_RUNNERS = ("gpu_slot", "semaphore")
 WORKLOADS = ((4, 64, 0.5, 8), (2, 40, 0.2, 6))  # K slots, N units, d seconds, P processes
 
-Interval = tuple[int, float, float, tuple[int, ...]]  # pid, enter, exit, devices
+Interval = tuple[int, float, float, tuple[int, ...], float]  # pid, enter, exit, devices, asked
 
 
 @dataclass
@@ -96,11 +101,12 @@ def worker(
             if units.value >= total:
                 break
             units.value += 1
+        asked = time.time()
         with slot() as devices:
             entered = time.time()
             time.sleep(job.hold)
             left = time.time()
-        done.append((os.getpid(), entered, left, devices))
+        done.append((os.getpid(), entered, left, devices, asked))
     results.put(done)
 
 
@@ -110,6 +116,7 @@ class Run:
     makespan: float
     efficiency: float
     gap_p95_ms: float
+    first_acquire_ms: tuple[float, float]  # median, max over the first K entries
     max_inside: int
     max_active_slots: int
     units_max: int
@@ -126,20 +133,25 @@ def _analyse(
     ideal: float,
     max_active: int,
 ) -> Run:
-    makespan = max(left for _, _, left, _ in intervals) - t0
-    events = sorted([(e, 1) for _, e, _, _ in intervals] + [(x, -1) for _, _, x, _ in intervals])
+    makespan = max(left for _, _, left, _, _ in intervals) - t0
+    steps = sorted(
+        [(entry, 1) for _, entry, _, _, _ in intervals]
+        + [(left, -1) for _, _, left, _, _ in intervals]
+    )
     inside = max_inside = 0
-    for _, step in events:  # exits sort before entries at equal times
+    for _, step in steps:  # exits sort before entries at equal times
         inside += step
         max_inside = max(max_inside, inside)
-    enters = sorted(e for _, e, _, _ in intervals)
+    enters = sorted(entry for _, entry, _, _, _ in intervals)
     gaps = []
-    for _, _, left, _ in intervals:
-        later = [e for e in enters if e >= left]
+    for _, _, left, _, _ in intervals:
+        later = [entry for entry in enters if entry >= left]
         if later:
             gaps.append(later[0] - left)
     gaps.sort()
     p95 = gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))] if gaps else 0.0
+    first = sorted(intervals, key=lambda interval: interval[1])[:slots]
+    waits = [(entry - asked) * 1000 for _, entry, _, _, asked in first]
     per_process: dict[int, int] = {}
     for pid, *_ in intervals:
         per_process[pid] = per_process.get(pid, 0) + 1
@@ -153,6 +165,7 @@ def _analyse(
         makespan,
         ideal / makespan,
         p95 * 1000,
+        (statistics.median(waits), max(waits)),
         max_inside,
         max_active,
         max(per_process.values()),
@@ -234,13 +247,14 @@ def run_once(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
+    parser.add_argument("--runners", nargs="+", default=list(DEFAULT_RUNNERS), choices=RUNNERS)
     parser.add_argument(
         "--cold",
         action="store_true",
         help="no untimed first use per process: include client start-up in the makespan",
     )
     args = parser.parse_args()
+    runners = sorted(set(args.runners), key=RUNNERS.index)
 
     from prefect_gpu_sandbox.prefect_server import PrefectServer
 
@@ -248,18 +262,22 @@ def main() -> None:
     server = PrefectServer(work / "prefect")
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
-    summary: dict[tuple[str, str], list[float]] = {}
+    summary: dict[tuple[str, str, str], list[float]] = {}
     try:
         for slots, total, hold, processes in WORKLOADS:
             workload = f"K={slots} N={total} d={hold} P={processes}"
             start = "cold" if args.cold else "warm (one untimed use per process)"
             print(f"\n{workload}  (ideal {total * hold / slots:.2f} s, {start})")
             print(
-                f"{'runner':10} {'makespan':>8} {'eff':>6} {'gap p95':>9} {'inside':>6} "
-                f"{'active':>6} {'units':>7} {'shared':>6} {'start':>7}"
+                f"{'runner':10} {'makespan':>8} {'eff':>6} {'vs sem':>6} {'gap p95':>9} "
+                f"{'first acquire':>15} {'inside':>6} {'active':>6} {'units':>7} {'shared':>6} "
+                f"{'start':>7}"
             )
             for rep in range(args.reps):
-                for runner in args.runners:
+                # The semaphore first: the reference for this repetition's other runners.
+                ordered = sorted(runners, key=lambda runner: runner != "semaphore")
+                reference: float | None = None
+                for runner in ordered:
                     tag = f"{runner}-{slots}-{rep}"
                     run = run_once(
                         runner,
@@ -271,24 +289,35 @@ def main() -> None:
                         work / "locks" / tag,
                         warm=not args.cold,
                     )
-                    summary.setdefault((workload, runner), []).append(run.efficiency)
+                    if runner == "semaphore":
+                        reference = run.efficiency
+                    relative = run.efficiency / reference if reference else float("nan")
+                    summary.setdefault((workload, runner, "eff"), []).append(run.efficiency)
+                    summary.setdefault((workload, runner, "vs sem"), []).append(relative)
+                    summary.setdefault((workload, runner, "first ms"), []).append(
+                        run.first_acquire_ms[0]
+                    )
+                    median_ms, max_ms = run.first_acquire_ms
                     print(
-                        f"{runner:10} {run.makespan:8.2f} {run.efficiency:6.3f} "
-                        f"{run.gap_p95_ms:7.1f}ms {run.max_inside:6} "
+                        f"{runner:10} {run.makespan:8.2f} {run.efficiency:6.3f} {relative:6.3f} "
+                        f"{run.gap_p95_ms:7.1f}ms {median_ms:6.1f}/{max_ms:6.1f}ms "
+                        f"{run.max_inside:6} "
                         f"{run.max_active_slots if runner != 'semaphore' else '-':>6} "
                         f"{run.units_max:>3}/{run.units_min:<3} {run.shared_devices!s:>6} "
                         f"{run.startup_ms:5.0f}ms",
                         flush=True,
                     )
-        print("\nmedian efficiency (min / median / max)")
-        for (workload, runner), values in summary.items():
+        print("\nmin / median / max per runner")
+        for (workload, runner, figure), values in summary.items():
+            if runner == "semaphore" and figure == "vs sem":
+                continue
             print(
-                f"{workload:24} {runner:10} {min(values):.3f} / "
-                f"{statistics.median(values):.3f} / {max(values):.3f}"
+                f"{workload:24} {runner:10} {figure:9} {min(values):7.3f} / "
+                f"{statistics.median(values):7.3f} / {max(values):7.3f}"
             )
     finally:
         server.stop()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,7 +1,8 @@
 """A flow-run stand-in for the gpu_slot tests: holds gpu_slot() and logs what it did as JSON lines.
 
 ``python -m tests.integration._gpu_slot_holder --events FILE [--units N] [--hold S | --until PATH]``
-Each line: ``{"pid", "event": "enter"|"exit"|"timeout", "t": epoch s, "devices": [...]}``.
+Each line: ``{"pid", "event": "enter"|"exit"|"timeout", "t": epoch s, "devices": [...]}``; an
+"enter" line adds ``"visible"``, the ``CUDA_VISIBLE_DEVICES`` the block saw, and ``"pinned"``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 from prefect_gpu_flows import GpuSlotTimeout, gpu_slot
 
 
-def _log(events: Path, event: str, devices: tuple[int, ...] = ()) -> None:
-    line = json.dumps({"pid": os.getpid(), "event": event, "t": time.time(), "devices": devices})
+def _log(events: Path, event: str, devices: tuple[str, ...] = (), **more: object) -> None:
+    record = {"pid": os.getpid(), "event": event, "t": time.time(), "devices": devices, **more}
+    line = json.dumps(record)
     with events.open("a") as stream:  # one short append per line: lines never interleave
         stream.write(line + "\n")
 
@@ -36,7 +38,8 @@ def main() -> None:
     for _ in range(args.units):
         try:
             with gpu_slot(args.gpus, timeout_seconds=args.timeout) as lease:
-                _log(args.events, "enter", lease.devices)
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                _log(args.events, "enter", lease.devices, visible=visible, pinned=lease.pinned)
                 if args.until is not None:
                     while not args.until.exists():
                         time.sleep(0.01)

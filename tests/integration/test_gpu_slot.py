@@ -28,9 +28,12 @@ from prefect.client.schemas.actions import (
 from prefect.exceptions import ObjectNotFound
 
 from prefect_gpu_flows import (
+    GpuDeviceError,
+    GpuLease,
     GpuLimitNotFoundError,
     GpuSlotTimeout,
     MissingWorkerIdError,
+    _gcl,
     async_gpu_slot,
     gpu_slot,
 )
@@ -42,6 +45,17 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 HOLDER = "tests.integration._gpu_slot_holder"
 _names = count()
+# Device UUIDs as NVIDIA's device plugin writes them into NVIDIA_VISIBLE_DEVICES.
+UUID_A = "GPU-8a1b2c3d-0000-1111-2222-333344445555"
+UUID_B = "GPU-9f8e7d6c-0000-1111-2222-333344445555"
+MIG_A = "MIG-1d2e3f40-aaaa-bbbb-cccc-ddddeeeeffff"
+MIG_B = "MIG-5a6b7c80-aaaa-bbbb-cccc-ddddeeeeffff"
+DEVICE_ENV = (
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
+    "PREFECT_GPU_SLOTS_PER_DEVICE",
+    "PREFECT_GPU_DEVICE_COUNT",
+)
 
 
 def in_thread(target: Callable[[], None]) -> threading.Thread:
@@ -122,6 +136,8 @@ def entered(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture
 def node(prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     worker_id = f"node-{os.getpid()}-{next(_names)}"
+    for name in DEVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORKER_ID", worker_id)
     monkeypatch.setenv("PREFECT_GPU_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "60")  # the server's minimum
@@ -150,7 +166,22 @@ def test_missing_limit_names_the_operator_and_is_not_created(node: Node) -> None
         node.prefect.read_global_concurrency_limit_by_name(node.limit_name)
 
 
-def test_six_processes_share_two_slots_exclusively(node: Node, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("nvidia_visible_devices", "names"),
+    [
+        (None, {"0", "1"}),  # no device list here: slots number the devices
+        (f"{UUID_A},{UUID_B}", {UUID_A, UUID_B}),  # what NVIDIA's device plugin sets
+    ],
+)
+def test_six_processes_share_two_slots_exclusively_each_pinned_to_its_device(
+    node: Node,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    nvidia_visible_devices: str | None,
+    names: set[str],
+) -> None:
+    if nvidia_visible_devices is not None:
+        monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", nvidia_visible_devices)  # holders inherit it
     node.create_limit(2)
     events = tmp_path / "events.jsonl"
     seen_active: list[int] = []
@@ -177,12 +208,16 @@ def test_six_processes_share_two_slots_exclusively(node: Node, tmp_path: Path) -
         assert [e["event"] for e in mine] == ["enter", "exit"] * 3
         pairs = zip(mine[::2], mine[1::2], strict=True)
         intervals += [(enter["t"], leave["t"], tuple(enter["devices"])) for enter, leave in pairs]
+        for enter in mine[::2]:
+            assert enter["pinned"]
+            assert enter["visible"] == ",".join(enter["devices"]), "the block saw other devices"
     assert len(intervals) == 18
     steps = sorted([(s, 1) for s, _, _ in intervals] + [(e, -1) for _, e, _ in intervals])
     inside = list(accumulate(step for _, step in steps))  # exits sort first at equal times
     assert max(inside) == 2, "more than 2 holders inside at once (or never 2)"
     for i, (start, end, devices) in enumerate(intervals):
-        assert set(devices) <= {0, 1}
+        assert len(devices) == 1
+        assert set(devices) <= names
         for other_start, other_end, other_devices in intervals[i + 1 :]:
             if other_start < end and start < other_end:
                 assert set(devices).isdisjoint(other_devices), "two holders shared a GPU"
@@ -210,7 +245,7 @@ def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
     start = time.monotonic()
     with gpu_slot(timeout_seconds=5) as lease:  # adopts that lease: no wait for its expiry
         took = time.monotonic() - start
-        assert lease.devices == (0,)
+        assert lease.devices == ("0",)
         assert node.active_slots() == 1
     assert took < 10  # far below the 60 s lease it would otherwise wait out
     eventually(
@@ -268,7 +303,7 @@ def test_lowered_limit_admits_nobody_until_holders_drop_below_it(
     )
     exit_second = next(e["t"] for e in read_events(second) if e["event"] == "exit")
     assert entered(third)[0]["t"] >= exit_second
-    assert entered(third)[0]["devices"] == [0]  # slot 1 is above the lowered limit
+    assert entered(third)[0]["devices"] == ["0"]  # slot 1 is above the lowered limit
 
 
 def test_limit_zero_waits_and_proceeds_when_raised(
@@ -375,7 +410,7 @@ def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
 
     async def scenario() -> None:
         async with async_gpu_slot(gpus=2) as lease:
-            assert sorted(lease.devices) == [0, 1]
+            assert sorted(lease.devices) == ["0", "1"]
             assert node.active_slots() == 2
 
             async def wait_for_slot() -> None:
@@ -393,7 +428,7 @@ def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
 
         async def hold_forever() -> None:
             async with async_gpu_slot() as lease:
-                assert lease.devices == (0,)
+                assert lease.devices == ("0",)
                 inside.set()
                 await asyncio.sleep(3600)
 
@@ -414,3 +449,148 @@ def test_async_twin_holds_and_releases_on_cancellation(node: Node) -> None:
     eventually(
         lambda: node.active_slots() == 0, timeout=5, what="GCL slots released after cancellation"
     )
+
+
+# ## The container's devices
+
+
+def test_a_limit_larger_than_the_container_s_devices_is_an_error_naming_both(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's 4-GPU node whose worker sees 1 GPU: slots 1-3 have no device."""
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", UUID_A)
+    node.create_limit(4)
+    with pytest.raises(GpuDeviceError) as error, gpu_slot(timeout_seconds=5):
+        pytest.fail("entered a slot without a device")
+    message = str(error.value)
+    assert f"limit {node.limit_name!r} is 4" in message
+    assert "only 1 slot(s): 1 device(s)" in message
+    assert node.active_slots() == 0
+
+    monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "4")  # a GPU time-sliced 4 ways
+    with gpu_slot(timeout_seconds=5) as lease:
+        assert lease.devices == (UUID_A,)
+
+
+def test_time_sliced_device_serves_several_holders_at_once(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", f"{UUID_A},{UUID_A}")  # 2 replicas of one GPU
+    monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "2")
+    node.create_limit(2)
+    release = tmp_path / "release"
+    events = [tmp_path / f"h{i}.jsonl" for i in range(2)]
+    for path in events:
+        node.start_holder(path, "--until", str(release))
+    eventually(
+        lambda: all(len(entered(path)) == 1 for path in events), timeout=60, what="both inside"
+    )
+    assert [entered(path)[0]["devices"] for path in events] == [[UUID_A], [UUID_A]]
+    release.touch()
+    one_device = "gpus=2, but this container sees 1 device"
+    with pytest.raises(GpuDeviceError, match=one_device), gpu_slot(gpus=2, timeout_seconds=5):
+        pytest.fail("two GPUs from one")
+
+
+def test_a_mig_device_is_pinned_by_its_uuid_one_per_block(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", f"{MIG_A},{MIG_B}")
+    node.create_limit(2)
+    with pytest.raises(GpuDeviceError, match="gpus=2 on MIG devices"), gpu_slot(gpus=2):
+        pytest.fail("entered with two MIG devices")
+    assert node.active_slots() == 0
+    with gpu_slot(timeout_seconds=5) as lease:
+        assert lease.devices == (MIG_A,)
+        assert lease.pinned
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == MIG_A
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_lease_env_shows_a_child_process_exactly_the_held_device(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", f"{UUID_A},{UUID_B}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the worker's own: replaced in the block
+    node.create_limit(2)
+    show = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"]
+    outside = {**os.environ}
+    with gpu_slot(timeout_seconds=5) as first, gpu_slot(timeout_seconds=5) as second:
+        assert {first.devices, second.devices} == {(UUID_A,), (UUID_B,)}
+        assert first.pinned
+        assert not second.pinned  # one environment per process: see the next test
+        child = subprocess.run(
+            show, env=outside | second.env, capture_output=True, text=True, check=True
+        )
+        assert child.stdout.strip() == second.devices[0]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # restored
+
+
+def test_concurrent_blocks_in_one_process_pin_only_the_first_and_say_so(
+    node: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", f"{UUID_A},{UUID_B}")
+    node.create_limit(2)
+    caplog.set_level(logging.WARNING, logger="prefect_gpu_flows")
+    first_inside, second_done = threading.Event(), threading.Event()
+    leases: list[GpuLease] = []
+    failures: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            assert first_inside.wait(30)
+            with gpu_slot(timeout_seconds=10) as lease:
+                leases.append(lease)
+                visible.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            second_done.set()
+
+    visible: list[str] = []
+    thread = in_thread(second)
+    try:
+        with gpu_slot(timeout_seconds=10) as first:
+            first_inside.set()
+            assert second_done.wait(30)
+            assert first.pinned
+            assert first.unpinned_reason is None
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == first.devices[0]
+    finally:
+        first_inside.set()
+        thread.join(timeout=30)
+    assert not failures, failures
+    (other,) = leases
+    assert other.devices != first.devices
+    assert not other.pinned
+    assert other.cuda_index is None
+    assert other.unpinned_reason is not None
+    assert "another gpu_slot() block in this process" in other.unpinned_reason
+    assert visible == [first.devices[0]]  # the env stays the first block's
+    assert f"holds {other.devices[0]} but cannot pin this process's CUDA" in caplog.text
+    assert "lease.env" in caplog.text
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_a_lone_first_acquire_is_one_lease_request(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody queued, no lease to adopt: the lease grant reports the limit, no read before it."""
+    node.create_limit(2)
+    calls: list[str] = []
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(_gcl, name)
+
+        def call(*args: Any) -> Any:
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("read_limit", "acquire"):
+        monkeypatch.setattr(_gcl, name, counted(name))
+    with gpu_slot(timeout_seconds=5) as lease:
+        assert lease.devices == ("0",)
+        assert node.active_slots() == 1
+    assert calls == ["acquire"]

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from prefect.logging import disable_run_logger
 
+from prefect_gpu_flows import GpuDeviceError, GpuLease, inference
 from prefect_gpu_flows.inference import (
     DIMENSIONS,
     SentenceEncoder,
     load_documents,
     load_encoder,
+    slot_encoder,
 )
 
 PARAPHRASES = [
@@ -94,9 +96,41 @@ def test_loads_offline_from_installed_files_only(tmp_path: Path) -> None:
     assert probe.stdout.split("\n")[-2] == f"cpu (1, {DIMENSIONS})"
 
 
-def test_encoder_is_loaded_once_per_process_and_device() -> None:
+def test_the_cpu_encoder_is_loaded_once_per_process_and_kept_after_a_slot() -> None:
     assert load_encoder() is load_encoder()
     assert load_encoder(None) is load_encoder()
+    lease = GpuLease("gpu:n", ("0",), pinned=True, cuda_index=0)
+    with slot_encoder(lease) as encoder:  # no CUDA provider here: the CPU
+        assert encoder is load_encoder()
+    assert encoder.embed(["still open"]).shape == (1, DIMENSIONS)
+
+
+def test_a_cuda_encoder_lives_only_as_long_as_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a CUDA provider, each slot loads its own session and drops it when the slot ends
+    (a CPU session stands in for the CUDA one here)."""
+    monkeypatch.setattr(inference.ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    loaded: list[int | None] = []
+    real_load = inference._load
+
+    def load(device: int | None) -> SentenceEncoder:
+        loaded.append(device)
+        return real_load(None)
+
+    monkeypatch.setattr(inference, "_load", load)
+    lease = GpuLease("gpu:n", ("GPU-a",), pinned=True, cuda_index=0)
+    with slot_encoder(lease) as first:
+        assert first.embed(["inside"]).shape == (1, DIMENSIONS)
+    with slot_encoder(lease) as second:
+        assert second is not first
+    assert loaded == [0, 0]
+    for encoder in (first, second):
+        with pytest.raises(RuntimeError, match="closed"):
+            encoder.embed(["after the slot"])
+
+    unreachable = GpuLease("gpu:n", ("GPU-b",), unpinned_reason="CUDA was initialised ...")
+    refused = "cannot run on GPU-b: CUDA was initialised"
+    with pytest.raises(GpuDeviceError, match=refused), slot_encoder(unreachable):
+        pytest.fail("ran on a device CUDA cannot reach")
 
 
 def test_load_documents_defaults_to_the_bundled_samples() -> None:

@@ -12,6 +12,7 @@ import pytest
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 from prefect_gpu_flows import (
+    GpuDeviceError,
     GpuLease,
     GpuSlotError,
     MissingWorkerIdError,
@@ -19,13 +20,28 @@ from prefect_gpu_flows import (
     _gcl,
     get_worker_id,
 )
-from prefect_gpu_flows._locks import Cancelled, LeaseRecord, SlotFile, lock_wait, try_lock, unlock
+from prefect_gpu_flows._locks import (
+    Cancelled,
+    Doorbell,
+    LeaseRecord,
+    LimitReading,
+    SlotFile,
+    lock_wait,
+    read_reading,
+    ring,
+    try_lock,
+    unlock,
+    write_reading,
+)
 
 _ENV = (
     "PREFECT_GPU_LIMIT_TEMPLATE",
     "PREFECT_GPU_LIMIT_PREFIX",
     "PREFECT_GPU_LOCK_DIR",
     "PREFECT_GPU_DEVICE_COUNT",
+    "PREFECT_GPU_SLOTS_PER_DEVICE",
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
 )
 
 
@@ -53,20 +69,57 @@ def test_config_defaults_follow_prefect_per_worker_example(
     assert config.limit_name == "gpu:gpu-1"
     assert config.lock_dir == Path("/tmp/prefect-gpu-locks/gpu-1")
     assert config.lease_seconds == 60
-    assert [config.device_of(slot) for slot in range(3)] == [0, 1, 2]
+    # No device list on this machine (no NVIDIA runtime, no NVML): slots number the devices.
+    assert [config.device_of(slot) for slot in range(3)] == ["0", "1", "2"]
+    config.check_limit(100)  # nothing to check it against
 
 
 def test_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WORKER_ID", "node-a.example.com")
     monkeypatch.setenv("PREFECT_GPU_LIMIT_TEMPLATE", "{node}-gpu")
     monkeypatch.setenv("PREFECT_GPU_LOCK_DIR", str(tmp_path))
-    monkeypatch.setenv("PREFECT_GPU_DEVICE_COUNT", "2")  # time-sliced: 2 GPUs, 2 slots each
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-a1,GPU-b2")
+    monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "2")  # time-sliced: 2 GPUs, 2 slots each
     monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "120")
     config = SlotConfig.from_env()
     assert config.limit_name == "node-a.example.com-gpu"  # a policy's limitNameTemplate
     assert config.lock_dir == tmp_path / "node-a.example.com"
     assert config.lease_seconds == 120
-    assert [config.device_of(slot) for slot in range(4)] == [0, 1, 0, 1]
+    assert [config.device_of(slot) for slot in range(4)] == ["GPU-a1", "GPU-b2"] * 2
+    config.check_limit(4)
+    with pytest.raises(GpuDeviceError, match=r"is 5, but this container can serve only 4 slot"):
+        config.check_limit(5)
+
+
+def test_the_older_device_count_still_shares_devices_without_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKER_ID", "n")
+    monkeypatch.setenv("PREFECT_GPU_DEVICE_COUNT", "2")  # limit 4 on 2 GPUs, as it used to
+    config = SlotConfig.from_env()
+    assert [config.device_of(slot) for slot in range(4)] == ["0", "1", "0", "1"]
+    config.check_limit(4)
+    monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "1")  # both: the new bound applies
+    with pytest.raises(GpuDeviceError, match=r"is 4, .* only 2 slot\(s\): 2 device\(s\)"):
+        SlotConfig.from_env().check_limit(4)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("PREFECT_GPU_SLOTS_PER_DEVICE", "two", "not a whole number"),
+        ("PREFECT_GPU_SLOTS_PER_DEVICE", "0", "at least 1"),
+        ("PREFECT_GPU_DEVICE_COUNT", "0", "at least 1"),
+        ("NVIDIA_VISIBLE_DEVICES", "0:1", "by its UUID"),
+    ],
+)
+def test_device_settings_that_cannot_work_are_errors(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv("WORKER_ID", "n")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(GpuDeviceError, match=problem):
+        SlotConfig.from_env()
 
 
 def test_the_older_prefix_setting_still_names_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,9 +149,10 @@ def test_a_worker_id_prefect_cannot_name_is_an_error() -> None:
 
 
 def test_lease_devices_without_cuda() -> None:
-    lease = GpuLease("gpu:n", (2, 3))
+    lease = GpuLease("gpu:n", ("GPU-a1", "GPU-b2"), pinned=True, cuda_index=0)
     assert lease.torch_device == "cpu"  # torch is not installed in the test environment
-    assert lease.cuda_visible_devices == "2,3"
+    assert lease.env == {"CUDA_VISIBLE_DEVICES": "GPU-a1,GPU-b2"}
+    assert lease.cuda_visible_devices == "GPU-a1,GPU-b2"
 
 
 def test_slot_lock_is_exclusive_across_descriptors(tmp_path: Path) -> None:
@@ -124,6 +178,20 @@ def test_slot_record_round_trip_and_torn_records(tmp_path: Path) -> None:
     slot.path.write_text('{"lease_id": "not-a-uuid"')
     assert slot.read() is None
     slot.unlock()
+
+
+def test_the_gate_keeps_the_last_reading_of_the_limit(tmp_path: Path) -> None:
+    gate = try_lock(tmp_path / "gate.lock")
+    assert gate is not None
+    assert read_reading(gate) is None
+    reading = LimitReading("gpu:n", uuid4(), 4, time.time())
+    write_reading(gate, reading)
+    assert read_reading(gate) == reading
+    write_reading(gate, LimitReading("gpu:n", uuid4(), 0, 1.0))  # a shorter one replaces it
+    assert read_reading(gate) != reading
+    (tmp_path / "gate.lock").write_text('{"name": "gpu:n", "limit": "x"}')
+    assert read_reading(gate) is None
+    unlock(gate)
 
 
 def test_lock_wait_times_out_and_cancels_without_keeping_the_lock(tmp_path: Path) -> None:
@@ -160,6 +228,29 @@ def test_lock_wait_wakes_when_released(tmp_path: Path) -> None:
     unlock(fd)
 
 
+def test_a_ring_wakes_the_head_at_once_and_only_a_ring_does(tmp_path: Path) -> None:
+    ring(tmp_path)  # no head waits: nothing happens
+    bell = Doorbell.open(tmp_path)
+    assert bell is not None
+    try:
+        threading.Timer(0.05, ring, args=(tmp_path,)).start()
+        start = time.monotonic()
+        bell.wait(5)
+        assert time.monotonic() - start < 2
+        # The ringer has closed its end: the bell must not read as closed and wake at once.
+        start = time.monotonic()
+        bell.wait(0.3)
+        assert time.monotonic() - start >= 0.3
+        for _ in range(3):
+            ring(tmp_path)
+        bell.wait(5)  # one wake covers rings that came before it
+        start = time.monotonic()
+        bell.wait(0.2)
+        assert time.monotonic() - start >= 0.2
+    finally:
+        bell.close()
+
+
 class _RefusingClient:
     """Answers a lease release with ``status``, recording the client retries then in effect."""
 
@@ -184,7 +275,8 @@ def test_release_maps_refusals_and_never_retries(status: int, released: bool) ->
     without the client's minute of backoff on 5xx."""
     prefect = _RefusingClient(status)
     assert _gcl.release(prefect, uuid4()) is released  # type: ignore[arg-type]
-    assert prefect.retries_seen == [0]
+    assert _gcl.release(prefect, uuid4()) is released  # type: ignore[arg-type]
+    assert prefect.retries_seen == [0, 0]  # also when the settings are reused
     assert PREFECT_CLIENT_MAX_RETRIES.value() != 0  # only for that call
 
 
