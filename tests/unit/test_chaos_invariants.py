@@ -42,7 +42,7 @@ class Worker:
         self.attempt += 1
         self.records += [
             self._record("attempt", enter - 0.01),
-            self._record("enter", enter, devices=list(devices)),
+            self._record("enter", enter, devices=[str(d) for d in devices]),  # gpu_slot()'s names
             self._record("exit", exit),
         ]
         return self

@@ -143,7 +143,8 @@ class Holding:
     attempt: int
     enter: float
     exit: float
-    devices: tuple[int, ...]
+    devices: tuple[str, ...]
+    """The workers see no device list, so a device is its slot's index (``"0"``, ``"1"``, ...)."""
 
 
 @dataclass
@@ -188,7 +189,7 @@ def check(
             need = staleness_needed(runs[node], holding.enter, others + len(holding.devices))
             need = max(
                 need,
-                *(staleness_needed(runs[node], holding.enter, d + 1) for d in holding.devices),
+                *(staleness_needed(runs[node], holding.enter, int(d) + 1) for d in holding.devices),
             )
             needed.append(need)
             if need > CLIENT_STALENESS:
