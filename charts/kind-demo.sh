@@ -27,7 +27,7 @@ RUNS=${RUNS:-4}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RELEASE=prefect-gpu-operator
 NAMESPACE=prefect-gpu-operator
-WORKER=deploy/$RELEASE-inference-worker
+WORKER=ds/$RELEASE-inference-worker
 CONTEXT=kind-$CLUSTER
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -57,6 +57,8 @@ fi
 step "fake GPUs: $CLUSTER-worker gets 1, $CLUSTER-worker2 gets 2 (status.capacity nvidia.com/gpu)"
 for pair in "$CLUSTER-worker=1" "$CLUSTER-worker2=2"; do
   node=${pair%=*} count=${pair##*=}
+  # As NVIDIA's GPU feature discovery labels a GPU node: the chart's GPU worker runs on these.
+  k label node "$node" nvidia.com/gpu.present=true --overwrite
   k patch node "$node" --subresource=status --type=json \
     -p "[{\"op\": \"add\", \"path\": \"/status/capacity/nvidia.com~1gpu\", \"value\": \"$count\"}]"
   # The kubelet copies capacity to allocatable at its next status update.
@@ -116,7 +118,7 @@ helm --kube-context "$CONTEXT" upgrade --install "$RELEASE" "$REPO/charts/prefec
   --set operator.image.repository="${IMAGE%:*}" --set operator.image.tag="${IMAGE##*:}" \
   --set defaultPolicy.enabled=true \
   --set defaultPolicy.spec.server.remoteApiUrl=http://prefect-server.prefect.svc:4200/api \
-  --set inferenceWorker.enabled=true --set inferenceWorker.replicas=2 \
+  --set inferenceWorker.enabled=true \
   --set inferenceWorker.image.repository="${WORKER_IMAGE%:*}" \
   --set inferenceWorker.image.tag="${WORKER_IMAGE##*:}" \
   --set inferenceWorker.prefectApiUrl=http://prefect-server.prefect.svc:4200/api \

@@ -6,6 +6,7 @@ Nothing here reads a kubeconfig or the user's helm configuration: each call gets
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +20,7 @@ from prefect_gpu_sandbox.kubeschemas import crd_schemas, kubernetes_definitions,
 from prefect_gpu_sandbox.paths import CHART
 from prefect_gpu_sandbox.tools import K8S_VERSION, ensure_tools
 
-__all__ = ["Verdict", "chart_crd_schemas", "helm", "kubeconform", "render_chart"]
+__all__ = ["Verdict", "chart_crd_schemas", "helm", "kubeconform", "render_chart", "render_notes"]
 
 # kubeconform's name for a kind's file: <kind>-<first part of the group>-<version>.json.
 _SCHEMA_FILE = "{{ .ResourceKind }}{{ .KindSuffix }}.json"
@@ -45,13 +46,14 @@ def render_chart(
     release: str = "prefect-gpu-operator",
     show_only: str | None = None,
     include_crds: bool = False,
+    chart: Path = CHART,
 ) -> list[dict[str, Any]]:
     """``helm template`` of the chart with ``values``: its documents, as dicts."""
     with tempfile.TemporaryDirectory(prefix="values-") as directory:
         values_file = Path(directory) / "values.yaml"
         values_file.write_text(yaml.safe_dump(dict(values or {})))
         args = [
-            "template", release, str(CHART), "--namespace", namespace,
+            "template", release, str(chart), "--namespace", namespace,
             "--kube-version", K8S_VERSION, "--values", str(values_file),
         ]  # fmt: skip
         if show_only:
@@ -60,6 +62,37 @@ def render_chart(
             args.append("--include-crds")
         rendered = helm(*args)
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+# helm template leaves NOTES.txt out; a copy of the chart renders it as a define in a ConfigMap.
+_NOTES_CONFIGMAP = """apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: notes
+data:
+  notes: {{ include "notes.txt" . | toJson }}
+"""
+
+
+def render_notes(
+    namespace: str,
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = "prefect-gpu-operator",
+) -> str:
+    """What ``helm install`` with ``values`` would print as the chart's NOTES.txt."""
+    with tempfile.TemporaryDirectory(prefix="notes-") as directory:
+        chart = Path(directory) / CHART.name
+        shutil.copytree(CHART, chart)
+        notes = (chart / "templates/NOTES.txt").read_text()
+        (chart / "templates/NOTES.txt").unlink()
+        define = '{{- define "notes.txt" -}}\n' + notes + "{{- end }}\n"
+        (chart / "templates/_notes.tpl").write_text(define)
+        (chart / "templates/notes.yaml").write_text(_NOTES_CONFIGMAP)
+        (document,) = render_chart(
+            namespace, values, release=release, show_only="templates/notes.yaml", chart=chart
+        )
+    return str(document["data"]["notes"])
 
 
 def chart_crd_schemas(directory: Path) -> Path:

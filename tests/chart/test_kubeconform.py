@@ -94,9 +94,12 @@ def test_a_kind_without_a_schema_is_an_error(schema_dirs: list[Path]) -> None:
 
 
 def _switches(values: dict[str, Any], path: tuple[str, ...] = ()) -> dict[tuple[str, ...], bool]:
-    """Every boolean of ``values``, by its path."""
+    """Every boolean of ``values``, by its path; security contexts are Kubernetes objects passed
+    through, not the chart's switches."""
     found: dict[tuple[str, ...], bool] = {}
     for key, value in values.items():
+        if key.endswith("SecurityContext"):
+            continue
         if isinstance(value, bool):
             found[(*path, key)] = value
         elif isinstance(value, dict):

@@ -34,6 +34,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "webhook-and-metrics-off": {"webhook": {"enabled": False}, "metrics": {"enabled": False}},
     "service-account-off": {"serviceAccount": {"create": False, "name": "gpu-operator"}},
     "pdb-off": {"operator": {"podDisruptionBudget": {"enabled": False}}},
+    "worker-report-off": {"operator": {"workerReport": {"enabled": False}}},
+    # OpenShift: the namespace's SecurityContextConstraints choose the ids; global pull secrets.
+    "openshift": {
+        "imagePullSecrets": [{"name": "registry"}],
+        "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+        "inferenceWorker": {"enabled": True, "imagePullSecrets": [{"name": "gpu-registry"}]},
+    },
     "one-replica": {"operator": {"replicas": 1}},
     # README "Installing in a cluster".
     "readme-install": {
@@ -45,7 +52,6 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "defaultPolicy": {"enabled": True, "spec": {"server": {"remoteApiUrl": PREFECT_API}}},
         "inferenceWorker": {
             "enabled": True,
-            "replicas": 2,
             "image": {"repository": "prefect-gpu-operator", "tag": "dev"},
             "prefectApiUrl": PREFECT_API,
         },

@@ -165,11 +165,21 @@ def _pod_templates(run: Run) -> list[tuple[str, dict[str, Any]]]:
         "--set",
         "inferenceWorker.enabled=true",
     ).stdout
-    return [
+    documents = _documents(rendered)
+    templates = [
         (doc["metadata"]["name"], doc["spec"]["template"])
-        for doc in _documents(rendered)
-        if doc["kind"] == "Deployment"
+        for doc in documents
+        if doc["kind"] in {"Deployment", "DaemonSet"}
     ]
+    tests = [
+        (
+            doc["metadata"]["name"],
+            {"metadata": {"labels": doc["metadata"]["labels"]}, "spec": doc["spec"]},
+        )
+        for doc in documents
+        if doc["kind"] == "Pod"
+    ]
+    return templates + tests
 
 
 def test_every_pod_passes_the_restricted_pod_security_standard(
@@ -185,7 +195,7 @@ def test_every_pod_passes_the_restricted_pod_security_standard(
     )
     try:
         templates = _pod_templates(run)
-        assert len(templates) == 2  # the operator and the inference worker
+        assert len(templates) == 3  # the operator, the inference worker and the helm test
         for name, template in templates:
             pod = {
                 "apiVersion": "v1",

@@ -62,22 +62,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .repository (default $.Chart.AppVersion .tag) }}
 {{- end }}
 
-{{/* The restricted Pod Security Standard, for every container the chart runs. */}}
-{{- define "prefect-gpu-operator.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-capabilities:
-  drop: [ALL]
-seccompProfile:
-  type: RuntimeDefault
+{{/* The pods' image pull secrets: the global list, then the component's own (call with
+     (dict "root" $ "own" <list>)). Empty renders nothing. */}}
+{{- define "prefect-gpu-operator.imagePullSecrets" -}}
+{{- $secrets := concat .root.Values.imagePullSecrets .own | uniq }}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
-
-{{- define "prefect-gpu-operator.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
 {{- end }}
