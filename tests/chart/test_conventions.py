@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from prefect_gpu_operator.settings import OperatorSettings
 from prefect_gpu_sandbox.chart import render_chart, render_notes
+from prefect_gpu_sandbox.paths import CHART
 from tests.chart.value_sets import NAMESPACE, RELEASE, VALUE_SETS
 
 ENV_PREFIX = OperatorSettings.model_config["env_prefix"]
@@ -166,3 +168,43 @@ def test_notes_say_what_was_installed() -> None:
 
     no_webhook = render_notes(NAMESPACE, {"webhook": {"enabled": False}}, release=RELEASE)
     assert "no webhook: set WORKER_ID" in no_webhook
+
+
+RECIPE = CHART.parent / "recipes/prefect-worker-gpu-values.yaml"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector's verdict on ``labels`` (matchLabels and the Exists/In operators)."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for requirement in selector.get("matchExpressions", []):
+        key, operator = requirement["key"], requirement["operator"]
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "In" and labels.get(key) not in requirement["values"]:
+            return False
+    return True
+
+
+def test_the_prefect_worker_recipe_runs_the_chart_workers_shape() -> None:
+    """The recipe for PrefectHQ's chart and this chart's GPU worker say the same things: one
+    process worker per GPU node, where the webhook gives it WORKER_ID."""
+    recipe = yaml.safe_load(RECIPE.read_text())["worker"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    ours = values["inferenceWorker"]
+    # prefect-worker labels its pods with its chart name.
+    pod_labels = {"app.kubernetes.io/name": "prefect-worker", **recipe.get("podLabels", {})}
+    assert any(_selects(s, pod_labels) for s in values["webhook"]["podSelectors"])
+    assert recipe["config"]["type"] == "process"
+    assert recipe["config"]["workPool"] == ours["workPool"]
+    assert recipe["nodeSelector"] == ours["nodeSelector"]
+    assert recipe["tolerations"] == ours["tolerations"]
+    assert recipe["image"]["repository"] == ours["image"]["repository"]
+    assert recipe["image"]["prefectTag"] == f"{chart['appVersion']}-cuda"
+    assert int(recipe["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    (spread,) = recipe["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert _selects(spread["labelSelector"], pod_labels)
