@@ -147,6 +147,26 @@ def test_webhook_certificate_survives_upgrades(installed: str, run: Run) -> None
     assert ca() == before
 
 
+def test_the_documented_crd_upgrade_keeps_the_policies(installed: str, run: Run) -> None:
+    """Helm never upgrades crds/: docs/upgrading.md applies them server-side first."""
+    guide = (REPO / "docs/upgrading.md").read_text()
+    apply = ["kubectl", "apply", "--server-side", "--force-conflicts", "-f"]
+    assert f"{' '.join(apply)} charts/prefect-gpu-operator/crds/" in guide
+    assert "| kubectl apply --server-side --force-conflicts -f -" in guide
+
+    def uid() -> str:
+        policy = json.loads(run("kubectl", "get", "glp", "default", "-o", "json").stdout)
+        return str(policy["metadata"]["uid"])
+
+    before = uid()
+    applied = run(*apply, str(CHART / "crds"))
+    assert "serverside-applied" in applied.stdout
+    crds = run("helm", "show", "crds", str(CHART)).stdout
+    assert "gpulimitpolicies.prefectgpu.io" in crds
+    run("helm", "upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, "--reuse-values")
+    assert uid() == before
+
+
 def test_manifests_pass_server_side_dry_run(installed: str, run: Run) -> None:
     result = run("kubectl", "apply", "--dry-run=server", "-f", str(REPO / "manifests"))
     assert "(server dry run)" in result.stdout
