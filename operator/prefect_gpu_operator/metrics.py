@@ -8,6 +8,7 @@ __all__ = [
     "ADMISSIONS",
     "ADMISSION_SECONDS",
     "MANAGED_LIMITS",
+    "NODE_HELD_SLOTS",
     "NODE_SLOTS",
     "PREFECT_CALLS",
     "PREFECT_ERRORS",
@@ -40,6 +41,11 @@ MANAGED_LIMITS = Gauge(
     "prefect_gpu_operator_managed_limits", "Global concurrency limits a policy owns", ["policy"]
 )
 NODE_SLOTS = Gauge("prefect_gpu_operator_node_slots", "Slots of a node's limit", ["policy", "node"])
+NODE_HELD_SLOTS = Gauge(
+    "prefect_gpu_operator_node_held_slots",
+    "Slots of a node's limit held when Prefect was last read (each resync, and before a lowering)",
+    ["policy", "node"],
+)
 ADMISSIONS = Counter(
     "prefect_gpu_operator_webhook_admissions", "Pods seen by the webhook", ["result"]
 )

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from prefect_gpu_operator.domain.plan import ObservedLimit
 from prefect_gpu_operator.runtime.controller import Controller
@@ -556,3 +557,24 @@ def test_a_replica_whose_peering_record_went_stale_writes_nothing() -> None:
 
     world = run(scenario, peering="ha", peering_lifetime_seconds=10, identity="me")
     assert world.prefect.limits["gpu:a"].limit == 4  # the stale replica did not write 2
+
+
+def test_held_slots_and_capacity_are_exported_per_node() -> None:
+    """What the dashboard's held-vs-capacity panel reads, from the last read of Prefect."""
+
+    held = "prefect_gpu_operator_node_held_slots"
+
+    def gauge(metric: str) -> float | None:
+        return REGISTRY.get_sample_value(metric, {"policy": "p", "node": "a"})
+
+    async def scenario(world: World) -> None:
+        await world.synced(4)
+        assert (gauge("prefect_gpu_operator_node_slots"), gauge(held)) == (4, 0)
+        world.prefect.hold("gpu:a", 3)
+        await world.controller.reconcile("p", full=True)
+        assert (gauge("prefect_gpu_operator_node_slots"), gauge(held)) == (4, 3)
+        world.delete_node("a")
+        await world.controller.reconcile("p", full=False)
+        assert gauge(held) is None  # a node that left exports nothing
+
+    run(scenario)

@@ -8,12 +8,12 @@ import contextlib
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prefect_gpu_operator.adapters.kube import StatusNotWritten
 from prefect_gpu_operator.api.policy import GPULimitPolicyStatus, LimitEntry
 from prefect_gpu_operator.domain.status import Outcome, build_status, with_ledger
-from prefect_gpu_operator.metrics import MANAGED_LIMITS, NODE_SLOTS
+from prefect_gpu_operator.metrics import MANAGED_LIMITS, NODE_HELD_SLOTS, NODE_SLOTS
 from prefect_gpu_operator.runtime.ports import KubeApi
 from prefect_gpu_operator.runtime.records import PolicyRecord
 
@@ -31,16 +31,24 @@ def status_body(status: GPULimitPolicyStatus) -> dict[str, object]:
     return status.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def export_metrics(name: str, record: PolicyRecord, ledger: Iterable[LimitEntry]) -> None:
-    """The policy's managed limits and each node's slots; nodes that left are removed."""
+def export_metrics(
+    name: str,
+    record: PolicyRecord,
+    ledger: Iterable[LimitEntry],
+    held: Mapping[str, int] | None = None,
+) -> None:
+    """The policy's managed limits and each node's slots and, by limit name in ``held``, the
+    slots held; nodes that left are removed."""
     entries = tuple(ledger)
     MANAGED_LIMITS.labels(name).set(len(entries))
     nodes = {entry.node for entry in entries}
     for gone in record.exported_nodes - nodes:
-        with contextlib.suppress(KeyError):
-            NODE_SLOTS.remove(name, gone)
+        for gauge in (NODE_SLOTS, NODE_HELD_SLOTS):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name, gone)
     for entry in entries:
         NODE_SLOTS.labels(name, entry.node).set(entry.limit)
+        NODE_HELD_SLOTS.labels(name, entry.node).set((held or {}).get(entry.name, 0))
     record.exported_nodes = nodes
 
 
