@@ -34,6 +34,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "webhook-and-metrics-off": {"webhook": {"enabled": False}, "metrics": {"enabled": False}},
     "service-account-off": {"serviceAccount": {"create": False, "name": "gpu-operator"}},
     "pdb-off": {"operator": {"podDisruptionBudget": {"enabled": False}}},
+    "grafana-dashboard": {
+        "grafana": {
+            "dashboards": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "annotations": {"grafana_folder": "GPU"},
+            }
+        }
+    },
     "worker-report-off": {"operator": {"workerReport": {"enabled": False}}},
     # OpenShift: the namespace's SecurityContextConstraints choose the ids; global pull secrets.
     "openshift": {
