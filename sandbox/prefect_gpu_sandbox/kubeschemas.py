@@ -12,9 +12,10 @@ types such as ``JSONSchemaProps`` need no inlining). Strict means what the API s
   template slip even where the server would drop it);
 - a custom resource's ``metadata`` is checked as ObjectMeta, as the server checks it.
 
-Sources: ``api/openapi-spec/swagger.json`` of ``k8s.io/kubernetes`` and cert-manager's
-``deploy/crds/``, converted once per version into the cache; the chart's own CRDs, converted
-where they are used (they change with the code).
+Sources: ``api/openapi-spec/swagger.json`` of ``k8s.io/kubernetes``, cert-manager's
+``deploy/crds/`` and the Prometheus Operator's ServiceMonitor CRD, converted once per version
+into the cache; the chart's own CRDs, converted where they are used (they change with the
+code).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 CERT_MANAGER_VERSION = "v1.21.2"
+# The newest release of the module the Go module proxy serves here (its CRDs are in example/).
+PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
 Schema = dict[str, Any]
 
 _OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
@@ -202,6 +205,15 @@ def _cert_manager() -> dict[str, Schema]:
     return crd_schemas(documents, kubernetes_definitions())
 
 
+def _prometheus_operator() -> dict[str, Schema]:
+    module = _module_dir(
+        "github.com/prometheus-operator/prometheus-operator", PROMETHEUS_OPERATOR_VERSION
+    )
+    crd = module / "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
+    documents = [document for document in yaml.safe_load_all(crd.read_text()) if document]
+    return crd_schemas(documents, kubernetes_definitions())
+
+
 def schemas_root() -> Path:
     return cache_dir() / "schemas" / K8S_VERSION
 
@@ -214,9 +226,13 @@ def kubernetes_definitions() -> dict[str, Schema]:
 
 
 def ensure_schemas(*, install: bool = False) -> list[Path]:
-    """The cached schema directories (Kubernetes ``K8S_VERSION``, then cert-manager), made
-    from the Go module cache when missing if ``install`` is set."""
-    sources = {"kubernetes": _kubernetes, f"cert-manager-{CERT_MANAGER_VERSION}": _cert_manager}
+    """The cached schema directories (Kubernetes ``K8S_VERSION``, then cert-manager and the
+    Prometheus Operator), made from the Go module cache when missing if ``install`` is set."""
+    sources = {
+        "kubernetes": _kubernetes,
+        f"cert-manager-{CERT_MANAGER_VERSION}": _cert_manager,
+        f"prometheus-operator-{PROMETHEUS_OPERATOR_VERSION}": _prometheus_operator,
+    }
     root = schemas_root()
     directories = []
     for name, make in sources.items():

@@ -208,3 +208,23 @@ def test_the_prefect_worker_recipe_runs_the_chart_workers_shape() -> None:
     ]
     assert spread["topologyKey"] == "kubernetes.io/hostname"
     assert _selects(spread["labelSelector"], pod_labels)
+
+
+def test_the_service_monitor_scrapes_the_operators_metrics_service() -> None:
+    docs = render_chart(NAMESPACE, VALUE_SETS["service-monitor"], release=RELEASE)
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    assert selected.items() <= service["metadata"]["labels"].items()
+    ports = {port["name"] for port in service["spec"]["ports"]}
+    assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert "metrics" in ports
+    no_metrics = {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}
+    assert not [
+        d
+        for d in render_chart(NAMESPACE, no_metrics, release=RELEASE)
+        if d["kind"] == "ServiceMonitor"
+    ]

@@ -34,6 +34,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "webhook-and-metrics-off": {"webhook": {"enabled": False}, "metrics": {"enabled": False}},
     "service-account-off": {"serviceAccount": {"create": False, "name": "gpu-operator"}},
     "pdb-off": {"operator": {"podDisruptionBudget": {"enabled": False}}},
+    "service-monitor": {
+        "metrics": {
+            "serviceMonitor": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "labels": {"release": "kps"},
+            }
+        }
+    },
     "grafana-dashboard": {
         "grafana": {
             "dashboards": {
