@@ -68,6 +68,14 @@ class OperatorSettings(BaseSettings):
         gt=0,
         description="Upper bound of the exponential backoff while the Prefect API is unreachable.",
     )
+    prefect_write_concurrency: int = Field(
+        default=12,
+        ge=1,
+        le=100,
+        description="How many Prefect limit writes (create, update, delete) one reconcile makes "
+        "at a time. A cold start at thousands of nodes is that many writes; a 429 from the "
+        "server stops new writes until its Retry-After has passed.",
+    )
     prefect_timeout_seconds: float = Field(
         default=10.0, gt=0, description="Timeout of one Prefect API request."
     )

@@ -1,9 +1,10 @@
 """The operator at 1,000 GPU nodes: cold start, change latency, noise immunity, resync cost.
 
 Run: ``python tests/benchmarks/bench_operator_scale.py [--nodes 1000] [--rate 5] [--seconds 60]
-[--runs 1] [--database sqlite|postgres]`` (not collected by pytest). Each run starts its own etcd +
-kube-apiserver, Prefect server (SQLite, or PostgreSQL from Debian's ``postgresql`` package) and
-operator on 127.0.0.1 and prints:
+[--runs 1] [--database sqlite|postgres] [--write-concurrency 12]`` (not collected by pytest);
+``--write-concurrency 1`` is the sequential baseline of the parallel Prefect writes. Each run
+starts its own etcd + kube-apiserver, Prefect server (SQLite, or PostgreSQL from Debian's
+``postgresql`` package) and operator on 127.0.0.1 and prints:
 
 1. cold start: nodes exist before the operator starts; seconds until every GCL is correct, the
    Prefect API calls it made, the operator's peak RSS;
@@ -41,6 +42,7 @@ from prefect_gpu_sandbox.waiting import eventually
 
 PROFILE = ""
 DATABASE = "sqlite"
+WRITE_CONCURRENCY = 12
 RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "amd.com/gpu")
 
 
@@ -129,7 +131,13 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
 
             # 1. cold start
             operator = OperatorProcess(
-                plane.kubeconfig, root / "operator.log", resync_seconds=3600, verbose=False
+                plane.kubeconfig,
+                root / "operator.log",
+                resync_seconds=3600,
+                verbose=False,
+                extra_env={
+                    "PREFECT_GPU_OPERATOR_PREFECT_WRITE_CONCURRENCY": str(WRITE_CONCURRENCY)
+                },
             )
             started = time.perf_counter()
             operator.start()
@@ -292,14 +300,18 @@ def main() -> None:
     parser.add_argument(
         "--database", choices=("sqlite", "postgres"), default="sqlite", help="Prefect's backend"
     )
+    parser.add_argument(
+        "--write-concurrency", type=int, default=12, help="Prefect writes at a time (1: baseline)"
+    )
     args = parser.parse_args()
-    global PROFILE, DATABASE
+    global PROFILE, DATABASE, WRITE_CONCURRENCY
+    WRITE_CONCURRENCY = args.write_concurrency
     PROFILE = args.profile
     DATABASE = args.database
     runs = [run_once(args.nodes, args.rate, args.seconds, seed) for seed in range(args.runs)]
     print(
         f"\n{args.nodes} nodes, {args.rate:g} changes/s for {args.seconds:g} s, {args.runs} run(s),"
-        f" Prefect on {args.database}"
+        f" Prefect on {args.database}, {args.write_concurrency} Prefect writes at a time"
     )
     for key in runs[0]:
         values = [run[key] for run in runs]

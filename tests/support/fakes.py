@@ -32,7 +32,9 @@ class Journal(list[str]):
 class FakePrefect:
     """One Prefect API's global concurrency limits. ``down`` makes every call fail the way an
     unreachable server does; from call number ``throttled_from`` on, every call is refused
-    with a 429; ``calls`` counts calls by operation."""
+    with a 429; ``calls`` counts calls by operation. With ``latency`` each write takes that
+    long (so concurrent writes overlap; ``max_in_flight`` is the most seen at once), and a write
+    to a name in ``failing`` fails like an outage."""
 
     def __init__(self, journal: Journal, api_url: str = "http://prefect.test/api") -> None:
         self.api_url = api_url
@@ -42,6 +44,10 @@ class FakePrefect:
         self.down = False
         self.throttled_from: int | None = None
         self.connections: list[PrefectConnection] = []  # every connection opened
+        self.latency = 0.0
+        self.failing: set[str] = set()
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     def connect(self, connection: PrefectConnection, *, timeout: float) -> FakePrefect:
         """The runtime's ``ConnectPrefect``: every connection reaches this one server."""
@@ -60,6 +66,18 @@ class FakePrefect:
         if self.throttled_from is not None and self.calls.total() >= self.throttled_from:
             raise PrefectRateLimited(f"{operation} on {self.api_url}: HTTP 429", 1.0)
 
+    async def _write(self, operation: str, name: str) -> None:
+        self._call(operation, name)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.latency:
+                await asyncio.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+        if name in self.failing:
+            raise PrefectUnreachable(f"{operation} {name} on {self.api_url}: ReadTimeout")
+
     async def list_all(self) -> dict[str, ObservedLimit]:
         self._call("list")
         return dict(self.limits)
@@ -69,11 +87,11 @@ class FakePrefect:
         return self.limits.get(name)
 
     async def create(self, name: str, limit: int, slot_decay_per_second: float) -> None:
-        self._call("create", name)
+        await self._write("create", name)
         self.limits[name] = ObservedLimit(name, limit, True, slot_decay_per_second)
 
     async def update(self, name: str, limit: int, slot_decay_per_second: float) -> None:
-        self._call("update", name)
+        await self._write("update", name)
         before = self.limits.get(name) or ObservedLimit(name, limit)
         self.limits[name] = replace(
             before, limit=limit, slot_decay_per_second=slot_decay_per_second
@@ -84,7 +102,7 @@ class FakePrefect:
         self.limits[name] = replace(self.limits[name], active_slots=slots)
 
     async def delete(self, name: str) -> None:
-        self._call("delete", name)
+        await self._write("delete", name)
         self.limits.pop(name, None)
 
     async def close(self) -> None:

@@ -578,3 +578,82 @@ def test_held_slots_and_capacity_are_exported_per_node() -> None:
         assert gauge(held) is None  # a node that left exports nothing
 
     run(scenario)
+
+
+def test_writes_run_in_parallel_up_to_the_bound_after_the_write_ahead() -> None:
+    async def scenario(world: World) -> None:
+        world.prefect.latency = 0.01
+        for index in range(40):
+            world.node(f"n{index:02}", 1)
+        world.controller.observe_policy(policy())
+        events = await world.controller.reconcile("p", full=True)
+        assert [e.reason for e in events] == ["LimitCreated"] * 40
+        await world.settled()
+
+    world = run(scenario, prefect_write_concurrency=8)
+    assert world.prefect.max_in_flight == 8
+    assert len(world.prefect.limits) == 40
+    creates = [i for i, call in enumerate(world.journal) if call.startswith("prefect create")]
+    ahead = next(i for i, call in enumerate(world.journal) if call.startswith("status p limits="))
+    assert ahead < min(creates)  # every new name is in the ledger before any is created
+
+
+def test_parallel_writes_keep_creates_before_deletes() -> None:
+    async def scenario(world: World) -> None:
+        for name in "abcde":
+            world.node(name, 1)
+        world.controller.observe_policy(policy())
+        await world.controller.reconcile("p", full=True)
+        world.prefect.latency = 0.01
+        for name in "abcde":
+            world.delete_node(name)
+        for name in "vwxyz":
+            world.node(name, 1)
+        await world.controller.reconcile("p", full=False)
+        await world.settled()
+
+    world = run(scenario, prefect_write_concurrency=4)
+    creates = [i for i, call in enumerate(world.journal) if call.startswith("prefect create")]
+    deletes = [i for i, call in enumerate(world.journal) if call.startswith("prefect delete")]
+    assert len(deletes) == 5
+    assert max(creates) < min(deletes)
+    assert sorted(world.prefect.limits) == [f"gpu:{name}" for name in "vwxyz"]
+
+
+def test_a_failing_write_among_parallel_ones_is_reported_and_retried() -> None:
+    async def scenario(world: World) -> None:
+        world.prefect.latency = 0.01
+        world.prefect.failing = {"gpu:c"}
+        for name in "abcdefghij":
+            world.node(name, 1)
+        world.controller.observe_policy(policy())
+        events = await world.controller.reconcile("p", full=True)
+        reasons = [e.reason for e in events]
+        assert reasons[-1] == "PrefectUnreachable"
+        assert set(reasons[:-1]) == {"LimitCreated"}
+        await world.settled()
+        assert world.condition("PrefectReachable")["status"] == "False"
+        # Everything the plan named is in the ledger: nothing created is left unowned.
+        assert {e["name"] for e in world.status()["limits"]} >= set(world.prefect.limits)
+        world.prefect.failing = set()
+        await world.controller.reconcile("p", full=False)
+        await world.settled()
+
+    world = run(scenario, prefect_write_concurrency=4)
+    assert sorted(world.prefect.limits) == [f"gpu:{name}" for name in "abcdefghij"]
+    assert world.condition("Ready")["status"] == "True"
+
+
+def test_a_429_among_parallel_writes_stops_new_ones() -> None:
+    async def scenario(world: World) -> None:
+        world.prefect.latency = 0.01
+        for index in range(20):
+            world.node(f"n{index:02}", 1)
+        world.controller.observe_policy(policy())
+        world.prefect.throttled_from = 6  # the listing and four creates pass, then 429s
+        events = await world.controller.reconcile("p", full=True)
+        assert [e.reason for e in events] == ["LimitCreated"] * 4 + ["PrefectRateLimited"]
+
+    world = run(scenario, prefect_write_concurrency=4)
+    assert world.prefect.calls["create"] == 5  # the writes in flight finished; none began after
+    assert len(world.prefect.limits) == 4

@@ -9,11 +9,12 @@ the ledger before they are created in Prefect, so a crash at any point leaves no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound
@@ -238,18 +239,49 @@ class Controller:
         return done
 
     async def _apply(self, server: LimitsApi, writes: list[Change], done: list[Event]) -> None:
-        """Make the plan's writes in order; each one's event joins ``done`` once it is made."""
-        for change in writes:
-            self.fence.check()
-            if change.limit is None:
-                await server.delete(change.name)
-            elif change.action == "create":
-                await server.create(
-                    change.name, change.limit.limit, change.limit.slot_decay_per_second
-                )
-            else:
-                await server.update(
-                    change.name, change.limit.limit, change.limit.slot_decay_per_second
-                )
-            self.prefect.record(server, change)
-            done.append(change.event)
+        """Make the plan's writes, at most ``prefect_write_concurrency`` at a time; each one's
+        event joins ``done`` once it is made.
+
+        The plan's order holds between kinds: every create is made before any update starts,
+        and every update before any delete, so a limit moving to a new name exists before the
+        old one goes (the write-ahead already named every create in the ledger). Within a kind
+        the names are independent. The first failure (an outage, a 429, the fence closing)
+        stops further writes from starting; those in flight finish and count, and the failure
+        is raised once they have: the caller reports it and the next reconcile retries the
+        rest from the cache, which follows every write made.
+        """
+        bound = self.settings.prefect_write_concurrency
+        failures: list[Fenced | PrefectUnreachable] = []
+
+        async def worker(queue: Iterator[Change]) -> None:
+            for change in queue:  # one shared iterator: the workers take writes in plan order
+                if failures:
+                    return
+                try:
+                    self.fence.check()
+                    await self._write(server, change)
+                except (Fenced, PrefectUnreachable) as error:
+                    failures.append(error)
+                    return
+                self.prefect.record(server, change)
+                done.append(change.event)
+
+        for action in ("create", "update", "delete"):
+            batch = [change for change in writes if change.action == action]
+            if not batch:
+                continue
+            queue = iter(batch)
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(bound, len(batch))):
+                    group.create_task(worker(queue))
+            if failures:
+                raise failures[0]
+
+    @staticmethod
+    async def _write(server: LimitsApi, change: Change) -> None:
+        if change.limit is None:
+            await server.delete(change.name)
+        elif change.action == "create":
+            await server.create(change.name, change.limit.limit, change.limit.slot_decay_per_second)
+        else:
+            await server.update(change.name, change.limit.limit, change.limit.slot_decay_per_second)
