@@ -228,3 +228,11 @@ def test_the_service_monitor_scrapes_the_operators_metrics_service() -> None:
         for d in render_chart(NAMESPACE, no_metrics, release=RELEASE)
         if d["kind"] == "ServiceMonitor"
     ]
+
+
+def test_the_write_concurrency_reaches_the_operator() -> None:
+    docs = render_chart(NAMESPACE, {"operator": {"prefectWriteConcurrency": 32}}, release=RELEASE)
+    assert _operator_env(docs)[f"{ENV_PREFIX.upper()}PREFECT_WRITE_CONCURRENCY"] == "32"
+    default = OperatorSettings.model_fields["prefect_write_concurrency"].default
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["operator"]["prefectWriteConcurrency"] == default  # one default, not two
