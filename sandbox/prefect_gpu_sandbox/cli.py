@@ -213,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(handler=_lock_images)
 
     from prefect_gpu_sandbox.demo.run import add_demo_command  # imported late: it loads Prefect
+    from prefect_gpu_sandbox.release import add_release_command
 
     add_demo_command(commands)
+    add_release_command(commands)
     return parser
 
 
