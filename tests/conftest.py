@@ -15,6 +15,7 @@ from kubernetes import client, config
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_gpu_sandbox.controlplane import ControlPlane
+from prefect_gpu_sandbox.postgres import PostgresServer
 from prefect_gpu_sandbox.prefect_server import PrefectServer
 from tests.support.nodes import NodeFactory
 from tests.support.procs import surviving_children
@@ -57,6 +58,19 @@ def gpu_nodes(core_v1: client.CoreV1Api) -> Iterator[NodeFactory]:
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A real Prefect server on SQLite with its own PREFECT_HOME."""
     with PrefectServer(tmp_path_factory.mktemp("prefect")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real Prefect server on PostgreSQL (Debian's, installed when missing), started only by
+    the tests that run on both databases."""
+    with (
+        PostgresServer() as postgres,
+        PrefectServer(
+            tmp_path_factory.mktemp("prefect-postgres"), database_url=postgres.database_url
+        ) as server,
+    ):
         yield server
 
 

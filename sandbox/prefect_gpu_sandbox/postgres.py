@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL server on 127.0.0.1 for Prefect, from Debian's ``postgresql`` package.
 
-For benchmarks that compare Prefect's two database backends. PostgreSQL refuses to run as root,
+For the tests and benchmarks that run Prefect on both of its database backends; the package is
+installed with apt-get when it is missing (as root). PostgreSQL refuses to run as root,
 so under root the server runs as the package's ``postgres`` user, in a data directory it owns.
 Authentication is ``trust``: it listens on loopback only and lives as long as the benchmark.
 """
@@ -14,6 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from prefect_gpu_sandbox.debian import ensure_packages
 from prefect_gpu_sandbox.processes import ServerProcess, Service, free_port
 
 __all__ = ["PostgresServer", "postgres_bin"]
@@ -21,12 +23,20 @@ __all__ = ["PostgresServer", "postgres_bin"]
 _READY_TIMEOUT = 60.0
 
 
-def postgres_bin() -> Path:
-    """The newest installed PostgreSQL's bin directory (Debian keeps them side by side)."""
-    candidates = sorted(
+def _installed() -> list[Path]:
+    return sorted(
         Path("/usr/lib/postgresql").glob("*/bin/postgres"),
         key=lambda path: int(path.parent.parent.name) if path.parent.parent.name.isdigit() else 0,
     )
+
+
+def postgres_bin(*, install: bool = True) -> Path:
+    """The newest installed PostgreSQL's bin directory (Debian keeps them side by side),
+    installing Debian's ``postgresql`` first when there is none."""
+    candidates = _installed()
+    if not candidates and install:
+        ensure_packages("postgresql")
+        candidates = _installed()
     if not candidates:
         raise FileNotFoundError(
             "PostgreSQL is not installed: run `apt-get install -y postgresql` (Debian) first"
@@ -38,7 +48,7 @@ class PostgresServer(Service):
     """``initdb`` + ``postgres`` in a fresh directory; ``database_url`` is for Prefect."""
 
     def __init__(self) -> None:
-        self._bin = postgres_bin()  # fails before anything is made when PostgreSQL is missing
+        self._bin = postgres_bin()  # installs it, or fails before anything is made
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="prefect-gpu-operator-pg-"))
         self.data = self.directory / "data"

@@ -26,6 +26,7 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitUpdate,
 )
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_gpu_flows import (
     GpuDeviceError,
@@ -38,6 +39,7 @@ from prefect_gpu_flows import (
     gpu_slot,
 )
 from prefect_gpu_flows._locks import try_lock, unlock
+from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.waiting import eventually, holds
 
 pytestmark = pytest.mark.integration
@@ -45,6 +47,9 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 HOLDER = "tests.integration._gpu_slot_holder"
 _names = count()
+# The contention tests run on Prefect's two database backends: PostgreSQL locks rows where
+# SQLite locks the file, so races differ.
+ON_BOTH_DATABASES = pytest.mark.parametrize("node", ["sqlite", "postgres"], indirect=True)
 # Device UUIDs as NVIDIA's device plugin writes them into NVIDIA_VISIBLE_DEVICES.
 UUID_A = "GPU-8a1b2c3d-0000-1111-2222-333344445555"
 UUID_B = "GPU-9f8e7d6c-0000-1111-2222-333344445555"
@@ -56,6 +61,17 @@ DEVICE_ENV = (
     "PREFECT_GPU_SLOTS_PER_DEVICE",
     "PREFECT_GPU_DEVICE_COUNT",
 )
+
+
+@pytest.fixture
+def _temporary_api_url() -> Iterator[Callable[[str], None]]:
+    """Point this process's Prefect client at another server for one test."""
+    with contextlib.ExitStack() as stack:
+
+        def use(api_url: str) -> None:
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+
+        yield use
 
 
 def in_thread(target: Callable[[], None]) -> threading.Thread:
@@ -134,7 +150,19 @@ def entered(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def node(prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
+def node(
+    request: pytest.FixtureRequest,
+    prefect_api_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Node]:
+    """A node on the session's SQLite server, or on PostgreSQL for tests parametrized with
+    ``ON_BOTH_DATABASES``."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        server: PrefectServer = request.getfixturevalue("postgres_prefect_server")
+        monkeypatch.setenv("PREFECT_API_URL", server.api_url)  # the holders inherit it
+        settings = request.getfixturevalue("_temporary_api_url")
+        settings(server.api_url)
     worker_id = f"node-{os.getpid()}-{next(_names)}"
     for name in DEVICE_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -173,6 +201,7 @@ def test_missing_limit_names_the_operator_and_is_not_created(node: Node) -> None
         (f"{UUID_A},{UUID_B}", {UUID_A, UUID_B}),  # what NVIDIA's device plugin sets
     ],
 )
+@ON_BOTH_DATABASES
 def test_six_processes_share_two_slots_exclusively_each_pinned_to_its_device(
     node: Node,
     tmp_path: Path,
@@ -228,6 +257,7 @@ def test_six_processes_share_two_slots_exclusively_each_pinned_to_its_device(
     )
 
 
+@ON_BOTH_DATABASES
 def test_killed_holder_frees_device_at_once_and_its_lease_is_adopted(
     node: Node, tmp_path: Path
 ) -> None:
@@ -270,6 +300,7 @@ def test_killed_holder_lease_expires_on_the_server(node: Node, tmp_path: Path) -
     assert elapsed >= 55
 
 
+@ON_BOTH_DATABASES
 def test_lowered_limit_admits_nobody_until_holders_drop_below_it(
     node: Node, tmp_path: Path
 ) -> None:
