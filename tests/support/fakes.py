@@ -48,6 +48,7 @@ class FakePrefect:
         self.failing: set[str] = set()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.reported_settings: dict[str, Any] | None = None
 
     def connect(self, connection: PrefectConnection, *, timeout: float) -> FakePrefect:
         """The runtime's ``ConnectPrefect``: every connection reaches this one server."""
@@ -77,6 +78,11 @@ class FakePrefect:
             self.in_flight -= 1
         if name in self.failing:
             raise PrefectUnreachable(f"{operation} {name} on {self.api_url}: ReadTimeout")
+
+    async def settings(self) -> dict[str, Any] | None:
+        """What the server reports of itself (``reported_settings``: None reports nothing)."""
+        self._call("settings")
+        return self.reported_settings
 
     async def list_all(self) -> dict[str, ObservedLimit]:
         self._call("list")

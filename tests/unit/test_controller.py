@@ -362,7 +362,7 @@ def test_rate_limiting_is_reported_as_such_and_keeps_what_was_done() -> None:
         for name in "abcde":
             world.node(name, 1)
         world.controller.observe_policy(policy())
-        world.prefect.throttled_from = 4  # the listing and two creates pass, then 429s
+        world.prefect.throttled_from = 5  # the listing, the settings and two creates pass
         events = await world.controller.reconcile("p", full=True)
         assert [e.reason for e in events] == ["LimitCreated", "LimitCreated", "PrefectRateLimited"]
         await world.settled()
@@ -650,7 +650,7 @@ def test_a_429_among_parallel_writes_stops_new_ones() -> None:
         for index in range(20):
             world.node(f"n{index:02}", 1)
         world.controller.observe_policy(policy())
-        world.prefect.throttled_from = 6  # the listing and four creates pass, then 429s
+        world.prefect.throttled_from = 7  # the listing, the settings and four creates pass
         events = await world.controller.reconcile("p", full=True)
         assert [e.reason for e in events] == ["LimitCreated"] * 4 + ["PrefectRateLimited"]
 

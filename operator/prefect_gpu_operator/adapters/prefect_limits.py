@@ -219,6 +219,17 @@ class PrefectLimits:
         # Already gone is fine: the goal is reached.
         await self._request("delete", "DELETE", _path(name), None, ok={404})
 
+    async def settings(self) -> dict[str, Any] | None:
+        """The server's settings as it reports them (secrets masked by Prefect); None where it
+        reports none (Prefect Cloud has no such endpoint; a server may refuse it). The body is
+        read, never logged."""
+        refused = {401, 403, 404, 405}
+        response = await self._request("settings", "GET", "/admin/settings", None, ok=refused)
+        if response.status_code in refused:
+            return None
+        found = response.json()
+        return found if isinstance(found, dict) else None
+
     async def _request(
         self,
         operation: str,

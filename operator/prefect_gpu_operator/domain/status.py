@@ -15,6 +15,7 @@ from prefect_gpu_operator.api.policy import (
     GPULimitPolicyStatus,
     LimitEntry,
 )
+from prefect_gpu_operator.domain.leases import LeaseDurability
 from prefect_gpu_operator.domain.plan import Plan
 from prefect_gpu_operator.domain.worker_pods import worker_entries
 
@@ -33,11 +34,12 @@ class Outcome:
     time_sliced: tuple[str, ...] = ()  # selected nodes where slotsPerGpu is not applied
     short_workers: tuple[str, ...] = ()  # worker pods that see fewer GPUs than their limit
     rate_limited: bool = False  # the prefect_error is a 429: Prefect answers, slowly
+    leases: LeaseDurability | None = None  # what the server reports of its leases, if read
 
 
 def condition(
     kind: str,
-    status: bool,
+    status: bool | Literal["True", "False", "Unknown"],
     reason: str,
     message: str,
     generation: int,
@@ -45,7 +47,7 @@ def condition(
     previous: Sequence[Condition] = (),
 ) -> Condition:
     """A metav1.Condition; lastTransitionTime moves only when the status flips."""
-    value: Literal["True", "False"] = "True" if status else "False"
+    value = status if isinstance(status, str) else ("True" if status else "False")
     before = next((c for c in previous if c.type == kind), None)
     since = before.last_transition_time if before and before.status == value else now
     return Condition(
@@ -105,13 +107,15 @@ def with_ledger(
 def build_status(
     outcome: Outcome, previous: GPULimitPolicyStatus, now: str
 ) -> GPULimitPolicyStatus:
-    """The status to write: ledger, counts, workers and the Ready, PrefectReachable, Conflict and
-    WorkersMatchLimits conditions. What this reconciliation did not learn (no plan yet) keeps its
-    previous value."""
+    """The status to write: ledger, counts, workers and the Ready, PrefectReachable, Conflict,
+    WorkersMatchLimits and (once the server was asked) PrefectLeasesDurable conditions. What this
+    reconciliation did not learn (no plan yet) keeps its previous value."""
     old = previous.conditions
     generation = outcome.generation
 
-    def make(kind: str, ok: bool, reason: str, message: str) -> Condition:
+    def make(
+        kind: str, ok: bool | Literal["True", "False", "Unknown"], reason: str, message: str
+    ) -> Condition:
         return condition(kind, ok, reason, message, generation, now, old)
 
     if outcome.spec_error is not None:
@@ -147,6 +151,12 @@ def build_status(
             f"; and {len(outcome.short_workers) - 5} more" if len(outcome.short_workers) > 5 else ""
         )
         matched = make("WorkersMatchLimits", False, "WorkerSeesFewerGPUs", shown + more)
+    leases = outcome.leases
+    durable = (
+        make("PrefectLeasesDurable", leases.status, leases.reason, leases.message)
+        if leases is not None
+        else next((c for c in old if c.type == "PrefectLeasesDurable"), None)
+    )
     ledger = previous.limits
     if outcome.plan is not None:
         ledger = outcome.plan.ledger if outcome.prefect_error is None else outcome.plan.claim
@@ -158,7 +168,7 @@ def build_status(
     return previous.model_copy(
         update={
             "observed_generation": generation,
-            "conditions": (ready, reachable, conflict, matched),
+            "conditions": (ready, reachable, conflict, matched, *([durable] if durable else [])),
             "limits": ledger,
             "workers": worker_entries(outcome.workers, ledger),
             **counts,

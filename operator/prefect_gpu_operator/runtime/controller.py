@@ -189,6 +189,7 @@ class Controller:
         try:
             server = await self.prefect.server(spec.server, full=full)
             observed = await self.prefect.observed(server, full=full, listed=listed)
+            leases = await self.prefect.durability(server, full=full)
             try:
                 desired = PolicyDesired() if deleting else self.view.desired_for(name)
             except LimitNameError as error:
@@ -232,6 +233,7 @@ class Controller:
         outcome = Outcome(
             generation,
             plan,
+            leases=leases,
             time_sliced=self.view.time_sliced(policy, desired),
             short_workers=self.view.short_workers(policy, desired),
         )

@@ -16,7 +16,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prefect_gpu_operator.adapters.kube import SecretNotFound
-from prefect_gpu_operator.adapters.prefect_limits import PrefectConnection, PrefectUnreachable
+from prefect_gpu_operator.adapters.prefect_limits import (
+    PrefectConnection,
+    PrefectRateLimited,
+    PrefectUnreachable,
+)
 from prefect_gpu_operator.api.policy import (
     ApiKeySource,
     BasicAuthSource,
@@ -24,6 +28,7 @@ from prefect_gpu_operator.api.policy import (
     PrefectServerReference,
     ValueRef,
 )
+from prefect_gpu_operator.domain.leases import LeaseDurability, lease_durability
 from prefect_gpu_operator.domain.plan import Change, ObservedLimit, newest_observation
 from prefect_gpu_operator.runtime.ports import ConnectPrefect, KubeApi, LimitsApi
 
@@ -79,6 +84,7 @@ class PrefectView:
         # Per server, one set per resync listing in flight: the names written since it began.
         self._listing_watchers: dict[str, list[set[str]]] = {}
         self._held: dict[str, float] = {}  # per server: when its Retry-After ends (monotonic)
+        self._durability: dict[str, LeaseDurability] = {}  # per server: what it says of leases
 
     async def server(self, reference: PrefectServerReference, *, full: bool) -> LimitsApi:
         """The connection for ``reference``; the Secrets and ConfigMaps it names are read again
@@ -114,6 +120,19 @@ class PrefectView:
         elif full or url not in self._observed:
             self._observed[url] = await server.list_all()
         return self._observed[url]
+
+    async def durability(self, server: LimitsApi, *, full: bool) -> LeaseDurability:
+        """What the server reports of its leases: read on full reconciles (and the first),
+        else as last read. A server that fails to answer this one request is not an outage."""
+        url = server.api_url
+        if full or url not in self._durability:
+            try:
+                self._durability[url] = lease_durability(await server.settings())
+            except PrefectRateLimited:
+                raise
+            except PrefectUnreachable as error:
+                self._durability[url] = LeaseDurability("Unknown", "SettingsUnreadable", str(error))
+        return self._durability[url]
 
     async def list_unlocked(
         self, reference: PrefectServerReference, stack: contextlib.AsyncExitStack
