@@ -181,3 +181,71 @@ def test_webhook_gives_a_deployments_pod_its_node_as_worker_id(
         assert kubectl_exec(node, pod, 'echo "$WORKER_ID"').strip() == node.node_name
     finally:
         node_apps_v1.delete_namespaced_deployment("opted-in", node_namespace)
+
+
+def _active_replica(node: NodeCluster, release: str) -> str:
+    """The pod kopf's peering makes active: the live peer of the highest priority."""
+    peering = client.CustomObjectsApi(node.api).get_cluster_custom_object(
+        "kopf.dev", "v1", "clusterkopfpeerings", _peering_name(node, release)
+    )
+    peers: dict[str, Any] = peering.get("status") or {}
+    pods = {p.metadata.name for p in client.CoreV1Api(node.api).list_namespaced_pod(release).items}
+    # A peer's id is "<POD_NAME>/<pid>/<random>" (kopf's identity from POD_NAME).
+    alive = {peer.split("/")[0]: info for peer, info in peers.items()}
+    alive = {pod: info for pod, info in alive.items() if pod in pods}
+    assert len(alive) == 2, peers
+    return max(alive, key=lambda pod: int(alive[pod]["priority"]))
+
+
+def _peering_name(node: NodeCluster, release: str) -> str:
+    deployment = _operator_deployment(client.AppsV1Api(node.api), release)
+    env = deployment.spec.template.spec.containers[0].env
+    return next(str(var.value) for var in env if var.name == "PREFECT_GPU_OPERATOR_PEERING")
+
+
+def _admitted_with_worker_id(core: client.CoreV1Api, namespace: str, image: str) -> None:
+    """The webhook admits an opted-in pod now and injects WORKER_ID (a server-side dry run goes
+    through admission, webhooks included, and stores nothing); raises if it does not."""
+    pod = _opted_in_deployment(image)["spec"]["template"]
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {**pod["metadata"], "name": "dry"},
+            "spec": pod["spec"]}  # fmt: skip
+    created = core.create_namespaced_pod(namespace, body, dry_run="All")
+    names = [var.name for var in created.spec.containers[0].env or []]
+    # Not an AssertionError: `eventually` would retry it, and no admission may miss.
+    if "WORKER_ID" not in names:
+        raise RuntimeError(f"admitted without WORKER_ID: {created.spec.containers[0].env}")
+
+
+def test_standby_takes_over_and_reconciles_a_change_made_meanwhile(
+    node: NodeCluster,
+    node_apps_v1: client.AppsV1Api,
+    node_core_v1: client.CoreV1Api,
+    node_namespace: str,
+    release: str,
+    policy: str,
+    busybox_image: str,
+) -> None:
+    _wait_ready(node_apps_v1, release)
+    limits = PrefectLimitsReader(node.prefect_api_url)
+    name = f"gpu:{node.node_name}"
+    eventually(lambda: limits.limits("gpu:").get(name) == FAKE_GPUS, timeout=120, what=name)
+    active = eventually(lambda: _active_replica(node, release), timeout=60, what="peers")
+    standby = next(
+        p.metadata.name for p in node_core_v1.list_namespaced_pod(release).items
+        if p.metadata.name != active
+    )  # fmt: skip
+    try:
+        node_core_v1.delete_namespaced_pod(active, release)
+        node.set_fake_gpus(FAKE_GPUS + 1)  # while no replica may be active
+
+        def followed() -> None:
+            _admitted_with_worker_id(node_core_v1, node_namespace, busybox_image)
+            assert limits.limits("gpu:").get(name) == FAKE_GPUS + 1
+
+        eventually(followed, timeout=120, interval=1.0, what=f"{name} after the takeover")
+        remaining = {p.metadata.name for p in node_core_v1.list_namespaced_pod(release).items}
+        assert active not in remaining
+        assert standby in remaining  # the change was reconciled by the replica that stayed
+    finally:
+        node.set_fake_gpus(FAKE_GPUS)
+        eventually(lambda: node.allocatable_gpus() == FAKE_GPUS, timeout=60, what="restored")
