@@ -99,3 +99,18 @@ else
   done
   GOBIN="$BIN/cni" go install -trimpath -ldflags "-s -w" "${packages[@]}"
 fi
+
+# The tests' fake GPU device plugin (never part of an image), from the sources beside this
+# script: cached by a hash of them, which the binary prints (-trimpath drops -ldflags from the
+# build settings `go version -m` shows).
+plugin_sources=("$here/fake-device-plugin"/{main.go,go.mod,go.sum})
+plugin_hash=$(cat "${plugin_sources[@]}" | sha256sum | cut -c1-16)
+if [ -x "$BIN/fake-device-plugin" ] \
+  && [ "$("$BIN/fake-device-plugin" -version)" = "$plugin_hash" ]; then
+  log "fake-device-plugin $plugin_hash cached"
+else
+  log "building fake-device-plugin $plugin_hash"
+  (cd "$here/fake-device-plugin" && go build -trimpath \
+    -ldflags "-s -w -X main.sourceHash=$plugin_hash" -o "$work/out/fake-device-plugin" .)
+  mv "$work/out/fake-device-plugin" "$BIN/"
+fi

@@ -19,6 +19,11 @@ them inside. The alternative, tests moving into the namespace (``setns``), only 
 thread or a process started for it, and would cut them off from the loopback servers other tests
 use. Pods reach the Prefect server at the node's address, ``pod_prefect_api_url``.
 
+With ``fake_gpus=N`` a fake GPU device plugin (fake-device-plugin/, built by install-node.sh)
+registers ``nvidia.com/gpu`` with the kubelet through its real device-plugin API, advertising N
+devices with stable UUIDs and setting ``NVIDIA_VISIBLE_DEVICES`` in each container it is
+allocated to; ``set_fake_gpus`` changes N while it runs.
+
 Images come from OCI archives (``import_image``), as no registry is reachable: pods use
 ``imagePullPolicy: Never`` or ``IfNotPresent``.
 """
@@ -74,7 +79,9 @@ from prefect_gpu_sandbox.processes import ServerProcess, free_port, stop_process
 from prefect_gpu_sandbox.tools import ALL_TOOLS, cni_bin, ensure_tools
 from prefect_gpu_sandbox.waiting import WaitTimeout, eventually
 
-__all__ = ["BUSYBOX_IMAGE", "NodeCluster"]
+__all__ = ["BUSYBOX_IMAGE", "GPU_RESOURCE", "NodeCluster"]
+
+GPU_RESOURCE = "nvidia.com/gpu"
 
 # A busybox image for tests, from the same writer as the pause image.
 BUSYBOX_IMAGE = "localhost/prefect-gpu-sandbox/busybox:1"
@@ -100,6 +107,8 @@ class NodeCluster:
     # The ports the relay opens here, and the servers in the namespace, are the same.
     network: NodeNetwork = field(default_factory=lambda: NodeNetwork(apiserver_port=free_port()))
     prefect_port: int = field(default_factory=free_port)
+    # Fake GPUs the device plugin advertises; None runs no plugin.
+    fake_gpus: int | None = None
     processes: list[ServerProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -195,8 +204,45 @@ class NodeCluster:
         self._wait(f"node {self.node_name} Ready", self._node_ready)
         self._wait("the kubernetes Service in kube-proxy's rules", self._service_programmed)
         self._wait("the default ServiceAccount and kube-root-ca.crt", self._admits_pods)
+        if self.fake_gpus is not None:
+            self._start_device_plugin(self.fake_gpus)
         self._wait("prefect-server /api/health", prefect.healthy)
         self._write_env()
+
+    @property
+    def _gpu_count_file(self) -> Path:
+        return self.directory / "fake-gpus"
+
+    def _start_device_plugin(self, count: int) -> None:
+        """Start the fake GPU plugin once the kubelet serves its registration socket (in the
+        kubelet's /var/lib/kubelet/device-plugins, which the mount namespace maps to ours)."""
+        self._write_gpu_count(count)
+        kubelet_socket = self.paths.kubelet_root / "device-plugins" / "kubelet.sock"
+        self._wait("the kubelet's device-plugin socket", kubelet_socket.exists)
+        plugin_args = [f"--count-file={self._gpu_count_file}", f"--seed={self.node_name}"]
+        self._launch("fake-device-plugin", plugin_args)
+        self._wait(f"{count} {GPU_RESOURCE} allocatable", lambda: self.allocatable_gpus() == count)
+
+    def _write_gpu_count(self, count: int) -> None:
+        # Replaced whole, so the plugin never reads a half-written file.
+        partial = self._gpu_count_file.with_suffix(".partial")
+        partial.write_text(f"{count}\n")
+        partial.replace(self._gpu_count_file)
+
+    def set_fake_gpus(self, count: int) -> None:
+        """Make the running plugin advertise ``count`` devices (the kubelet follows on its own:
+        wait on ``allocatable_gpus``)."""
+        if self.fake_gpus is None:
+            raise RuntimeError("this node runs no fake GPU device plugin (fake_gpus=None)")
+        self.fake_gpus = count
+        self._write_gpu_count(count)
+
+    def allocatable_gpus(self) -> int | None:
+        """The node's allocatable ``nvidia.com/gpu`` as the API server has it, None if absent."""
+        node = _quietly(lambda: client.CoreV1Api(self.api).read_node(self.node_name))
+        allocatable = (node.status.allocatable or {}) if node else {}
+        value = allocatable.get(GPU_RESOURCE)
+        return None if value is None else int(value)
 
     def _private_directories(self) -> dict[Path, Path]:
         """The node's own directories mounted over the machine-wide paths the kubelet and

@@ -34,6 +34,7 @@ _NODE_BINARIES = (
     "ctr",
     "containerd-shim-runc-v2",
     "runc",
+    "fake-device-plugin",  # the tests' fake GPUs
     *(f"cni/{plugin}" for plugin in CNI_PLUGINS),
 )
 _SYSTEM_COMMANDS = ("iptables", "conntrack", "busybox")

@@ -1,6 +1,7 @@
 """One real node (kubelet, containerd, kube-proxy, its control plane and Prefect in namespaces of
 their own) shared by every end-to-end test, and stopped after the last of them, so it does not
-load the machine while other tests run. It needs root, as CI has."""
+load the machine while other tests run. It needs root, as CI has. Its fake GPU device plugin
+advertises ``FAKE_GPUS`` devices."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from kubernetes import client
 from prefect_gpu_sandbox.node import NodeCluster
 from tests.support.node_traces import node_traces
 
+# What the node's fake GPU device plugin advertises at first.
+FAKE_GPUS = 2
+
 
 @pytest.fixture(scope="package")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
     """A Ready node; after the end-to-end tests it is stopped, and nothing of it may remain."""
     if os.geteuid() != 0:
         pytest.skip("a real node needs root (network namespaces, mounts, cgroups)")
-    cluster = NodeCluster(tmp_path_factory.mktemp("node"))
+    cluster = NodeCluster(tmp_path_factory.mktemp("node"), fake_gpus=FAKE_GPUS)
     try:
         cluster.start()
         pids = [process.pid for process in cluster.processes]

@@ -14,8 +14,8 @@ import pytest
 from kubernetes import client
 
 from prefect_gpu_sandbox.node import NodeCluster
-from prefect_gpu_sandbox.tools import tools_bin
 from prefect_gpu_sandbox.waiting import eventually
+from tests.support.kubectl import kubectl_exec
 
 pytestmark = pytest.mark.e2e
 
@@ -62,21 +62,6 @@ def probe_pod(
     node_apps_v1.delete_namespaced_deployment("probe", node_namespace)
 
 
-def _exec(node: NodeCluster, pod: client.V1Pod, script: str) -> str:
-    """Run ``script`` in the pod's container through the API server, the kubelet and containerd."""
-    kubectl = [str(tools_bin() / "kubectl"), f"--kubeconfig={node.kubeconfig}", "exec"]
-    target = [f"--namespace={pod.metadata.namespace}", pod.metadata.name]
-    done = subprocess.run(
-        [*kubectl, *target, "--", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def test_pod_reads_worker_id_from_the_downward_api(
     node: NodeCluster, node_core_v1: client.CoreV1Api, probe_pod: client.V1Pod
 ) -> None:
@@ -89,7 +74,7 @@ def test_pod_reads_worker_id_from_the_downward_api(
         assert log.splitlines() == [f"WORKER_ID={node.node_name}"]
 
     eventually(logged, timeout=30, what="the pod's log")
-    assert _exec(node, probe_pod, 'echo "$WORKER_ID"').strip() == node.node_name
+    assert kubectl_exec(node, probe_pod, 'echo "$WORKER_ID"').strip() == node.node_name
 
 
 def test_pod_gets_an_ip_from_the_pods_bridge(node: NodeCluster, probe_pod: client.V1Pod) -> None:
@@ -98,7 +83,7 @@ def test_pod_gets_an_ip_from_the_pods_bridge(node: NodeCluster, probe_pod: clien
 
 
 def test_pod_mounts_its_service_account_token(node: NodeCluster, probe_pod: client.V1Pod) -> None:
-    mounted = _exec(node, probe_pod, "ls /var/run/secrets/kubernetes.io/serviceaccount")
+    mounted = kubectl_exec(node, probe_pod, "ls /var/run/secrets/kubernetes.io/serviceaccount")
     assert mounted.split() == ["ca.crt", "namespace", "token"]
 
 
@@ -108,11 +93,12 @@ def test_pod_reaches_the_kubernetes_service_through_kube_proxy(
     # Plain HTTP to the Service's TLS port: only a Go TLS server (the API server) answers so.
     service = node.network.kubernetes_service_ip
     script = f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 5 {service} 443'
-    assert "Client sent an HTTP request to an HTTPS server." in _exec(node, probe_pod, script)
+    answer = kubectl_exec(node, probe_pod, script)
+    assert "Client sent an HTTP request to an HTTPS server." in answer
 
 
 def test_pod_reaches_the_prefect_server(node: NodeCluster, probe_pod: client.V1Pod) -> None:
-    health = _exec(node, probe_pod, f"wget -q -O - {node.pod_prefect_api_url}/health")
+    health = kubectl_exec(node, probe_pod, f"wget -q -O - {node.pod_prefect_api_url}/health")
     assert health.strip() == "true"
 
 
