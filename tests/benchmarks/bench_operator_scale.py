@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -59,6 +60,7 @@ REALISTIC = False
 PODS = 20_000
 WORKERS = 300
 GPU_FRACTION = 0.4
+TRACEMALLOC = ""
 RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "amd.com/gpu")
 
 
@@ -84,8 +86,6 @@ def _proc(pid: int) -> tuple[float, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
     ticks = os.sysconf("SC_CLK_TCK")
     return peak / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
@@ -144,7 +144,8 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
                 resync_seconds=3600,
                 verbose=False,
                 extra_env={
-                    "PREFECT_GPU_OPERATOR_PREFECT_WRITE_CONCURRENCY": str(WRITE_CONCURRENCY)
+                    "PREFECT_GPU_OPERATOR_PREFECT_WRITE_CONCURRENCY": str(WRITE_CONCURRENCY),
+                    **_memtrace_env(),
                 },
             )
             started = time.perf_counter()
@@ -324,6 +325,15 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
     return results
 
 
+def _memtrace_env() -> dict[str, str]:
+    """With --tracemalloc: the operator writes its top allocation sites at its traced peak."""
+    if not TRACEMALLOC:
+        return {}
+    hook = Path(__file__).resolve().parents[1] / "support" / "memtrace"
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH", "")]))
+    return {"PYTHONPATH": path, "MEMTRACE_OUT": str(Path(TRACEMALLOC).resolve())}
+
+
 def _create_cluster(
     core: client.CoreV1Api, nodes: int, rng: random.Random, results: dict[str, float]
 ) -> dict[str, dict[str, int]]:
@@ -419,13 +429,17 @@ def main() -> None:
     parser.add_argument("--gpu-fraction", type=float, default=0.4, help="nodes with GPUs")
     parser.add_argument("--profile", default="", help="py-spy the operator during the changes")
     parser.add_argument(
+        "--tracemalloc", default="", help="file for the operator's top allocation sites at peak"
+    )
+    parser.add_argument(
         "--database", choices=("sqlite", "postgres"), default="sqlite", help="Prefect's backend"
     )
     parser.add_argument(
         "--write-concurrency", type=int, default=12, help="Prefect writes at a time (1: baseline)"
     )
     args = parser.parse_args()
-    global PROFILE, DATABASE, WRITE_CONCURRENCY, REALISTIC, PODS, WORKERS, GPU_FRACTION
+    global PROFILE, DATABASE, WRITE_CONCURRENCY, REALISTIC, PODS, WORKERS, GPU_FRACTION, TRACEMALLOC
+    TRACEMALLOC = args.tracemalloc
     REALISTIC, PODS, WORKERS, GPU_FRACTION = (
         args.realistic,
         args.pods,
