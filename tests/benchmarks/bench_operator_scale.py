@@ -97,7 +97,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
-    results: dict[str, float] = {}
+    results: dict[str, float] = _Results()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         root = Path(tmp)
         plane = ControlPlane(root / "cluster")
@@ -394,12 +394,20 @@ def _barrier(
 
 
 def _delete_limits(api_url: str) -> None:
-    reader = PrefectLimitsReader(api_url)
+    reader = PrefectLimitsReader(api_url)  # one at a time: parallel deletes reset connections
     try:
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(reader.delete, reader.limits()))
+        for name in reader.limits():
+            reader.delete(name)
     finally:
         reader.close()
+
+
+class _Results(dict[str, float]):
+    """Figures of one run, each also printed when measured: a later phase that fails loses none."""
+
+    def __setitem__(self, key: str, value: float) -> None:
+        print(f"  {key:28} {value:10.2f}", file=sys.stderr, flush=True)
+        super().__setitem__(key, value)
 
 
 def _change_reconciles(operator: OperatorProcess) -> float:
