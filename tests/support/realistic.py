@@ -225,7 +225,9 @@ def realistic_pod_body(
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
     image = "docker.io/prefecthq/prefect:3-python3.12" if worker else f"ghcr.io/example-org/{app}"
-    env = [{"name": f"SETTING_{index}", "value": f"value-{index}"} for index in range(8)]
+    env: list[dict[str, object]] = [
+        {"name": f"SETTING_{index}", "value": f"value-{index}"} for index in range(8)
+    ]
     if worker:
         env.append({"name": "WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
     probe = {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 10}
