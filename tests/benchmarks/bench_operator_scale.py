@@ -12,11 +12,23 @@ starts its own etcd + kube-apiserver, Prefect server (SQLite, or PostgreSQL from
    status patch to the GCL showing the new limit (p50/p95/p99/max);
 3. noise: one update per node that leaves its slots unchanged; Prefect calls and operator CPU;
 4. resync: one full reconcile with nothing to change; its Prefect calls and duration.
+
+``--realistic --nodes 5000 --pods 20000`` builds a cluster that looks real instead: ~15 KB nodes
+(GFD/NFD/topology labels, 50 images, conditions; nvidia.com/gpu on ``--gpu-fraction`` of them),
+``--pods`` pods bound to nodes (``--workers`` of them Prefect workers requesting GPUs, labelled
+prefectgpu.io/has-worker-id), and adds:
+
+5. churn: GFD rewrites its timestamp label on every GPU node; Prefect calls and policy wake-ups
+   (reconciles triggered by a change) it caused, both targets 0;
+6. the policy's status size in bytes, the final peak RSS, and a cold start again with one Prefect
+   write at a time (the sequential baseline) on the same cluster, with its ratio to the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
 import sys
@@ -31,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.suppor
 import httpx
 from kubernetes import client, config
 from tests.support.nodes import gpu_node_body
-from tests.support.operator import OperatorProcess
+from tests.support.operator import OperatorProcess, PrefectLimitsReader
+from tests.support.realistic import GFD_TIMESTAMP, realistic_node_body, realistic_pod_body
 
 from prefect_gpu_operator.api.crd import build_crd
 from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
@@ -43,6 +56,11 @@ from prefect_gpu_sandbox.waiting import eventually
 PROFILE = ""
 DATABASE = "sqlite"
 WRITE_CONCURRENCY = 12
+REALISTIC = False
+PODS = 20_000
+WORKERS = 300
+GPU_FRACTION = 0.4
+TRACEMALLOC = ""
 RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "amd.com/gpu")
 
 
@@ -68,8 +86,6 @@ def _proc(pid: int) -> tuple[float, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
     ticks = os.sysconf("SC_CLK_TCK")
     return peak / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
@@ -81,7 +97,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
-    results: dict[str, float] = {}
+    results: dict[str, float] = _Results()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         root = Path(tmp)
         plane = ControlPlane(root / "cluster")
@@ -103,16 +119,8 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
             core.create_namespace(
                 client.V1Namespace(metadata=client.V1ObjectMeta(name="prefect-gpu-operator"))
             )
-            expected: dict[str, int] = {}
-            allocatable: dict[str, dict[str, int]] = {}
-            with ThreadPoolExecutor(8) as pool:
-                bodies = []
-                for index in range(nodes):
-                    name = f"gpu-{index:04d}"
-                    allocatable[name] = _resources(rng)
-                    expected[f"gpu:{name}"] = sum(allocatable[name].values())
-                    bodies.append(gpu_node_body(name, allocatable[name]))
-                list(pool.map(core.create_node, bodies))
+            allocatable = _create_cluster(core, nodes, rng, results)
+            expected = {f"gpu:{name}": sum(gpus.values()) for name, gpus in allocatable.items()}
             custom.create_cluster_custom_object(
                 GROUP,
                 VERSION,
@@ -136,7 +144,8 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
                 resync_seconds=3600,
                 verbose=False,
                 extra_env={
-                    "PREFECT_GPU_OPERATOR_PREFECT_WRITE_CONCURRENCY": str(WRITE_CONCURRENCY)
+                    "PREFECT_GPU_OPERATOR_PREFECT_WRITE_CONCURRENCY": str(WRITE_CONCURRENCY),
+                    **_memtrace_env(),
                 },
             )
             started = time.perf_counter()
@@ -147,6 +156,9 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
             results["cold_start_s"] = time.perf_counter() - started
             results["cold_start_prefect_calls"] = operator.prefect_calls()
             results["cold_start_peak_rss_mb"] = _proc(operator.process.pid)[0]
+            if REALISTIC:
+                status = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, "bench")["status"]
+                results["policy_status_bytes"] = len(json.dumps(status, separators=(",", ":")))
 
             # 2. change latency
             if PROFILE:
@@ -241,18 +253,52 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
                         sorted(allocatable),
                     )
                 )
-            # A real change after the noise marks when the operator has seen all of it.
-            last = sorted(allocatable)[0]
-            target = (sum(allocatable[last].values()) + 1) % 9
-            resource = next(iter(allocatable[last]))
-            core.patch_node_status(last, {"status": {"allocatable": {resource: str(target)}}})
-            eventually(
-                lambda: http.get(f"/v2/concurrency_limits/gpu:{last}").json()["limit"] == target,
-                timeout=60,
-                what="the barrier change",
-            )
+            _barrier(core, http, allocatable)
             results["noise_prefect_calls"] = operator.prefect_calls() - calls - 1
             results["noise_cpu_s"] = _proc(operator.process.pid)[1] - cpu
+
+            if REALISTIC:
+                # 5. GFD timestamp churn on every GPU node: no verdict changes, nothing to do.
+                calls = operator.prefect_calls()
+                wakes = _change_reconciles(operator)
+                stamp = str(int(time.time()))
+                with ThreadPoolExecutor(8) as pool:
+                    list(
+                        pool.map(
+                            lambda name: core.patch_node(
+                                name, {"metadata": {"labels": {GFD_TIMESTAMP: stamp}}}
+                            ),
+                            sorted(allocatable),
+                        )
+                    )
+                _barrier(core, http, allocatable)
+                results["churn_prefect_calls"] = operator.prefect_calls() - calls - 1
+                results["churn_policy_wakeups"] = _change_reconciles(operator) - wakes - 1
+                results["peak_rss_mb"] = _proc(operator.process.pid)[0]
+
+                # 6. the sequential baseline: the same cold start, one Prefect write at a time.
+                operator.stop()
+                _delete_limits(prefect.api_url)
+                expected = {f"gpu:{n}": sum(gpus.values()) for n, gpus in allocatable.items()}
+                operator = OperatorProcess(
+                    plane.kubeconfig,
+                    root / "operator-sequential.log",
+                    resync_seconds=3600,
+                    verbose=False,
+                    extra_env={"PREFECT_GPU_OPERATOR_PREFECT_WRITE_CONCURRENCY": "1"},
+                )
+                started = time.perf_counter()
+                operator.start()
+                eventually(
+                    lambda: _limits(http) == expected,
+                    timeout=600,
+                    what="sequential cold start",
+                    interval=0.2,
+                )
+                results["cold_start_sequential_s"] = time.perf_counter() - started
+                results["cold_start_ratio_sequential"] = (
+                    results["cold_start_sequential_s"] / results["cold_start_s"]
+                )
 
             # 4. resync: restart the operator with a short resync and time one full pass.
             operator.stop()
@@ -279,6 +325,95 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
     return results
 
 
+def _memtrace_env() -> dict[str, str]:
+    """With --tracemalloc: the operator writes its top allocation sites at its traced peak."""
+    if not TRACEMALLOC:
+        return {}
+    hook = Path(__file__).resolve().parents[1] / "support" / "memtrace"
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH", "")]))
+    return {"PYTHONPATH": path, "MEMTRACE_OUT": str(Path(TRACEMALLOC).resolve())}
+
+
+def _create_cluster(
+    core: client.CoreV1Api, nodes: int, rng: random.Random, results: dict[str, float]
+) -> dict[str, dict[str, int]]:
+    """Create the nodes (and, realistic, the pods); return each GPU node's allocatable."""
+    allocatable: dict[str, dict[str, int]] = {}
+    bodies = []
+    for index in range(nodes):
+        if not REALISTIC:
+            name = f"gpu-{index:04d}"
+            allocatable[name] = _resources(rng)
+            bodies.append(gpu_node_body(name, allocatable[name]))
+        elif rng.random() < GPU_FRACTION:
+            name = f"gpu-{index:04d}"
+            allocatable[name] = {"nvidia.com/gpu": rng.choice((1, 2, 4, 8))}
+            bodies.append(realistic_node_body(name, index, allocatable[name]))
+        else:
+            bodies.append(realistic_node_body(f"cpu-{index:04d}", index))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(core.create_node, bodies))
+        if REALISTIC:
+            names = [body["metadata"]["name"] for body in bodies]  # type: ignore[index]
+            gpu_names = sorted(allocatable)
+            pods = [
+                (
+                    "prefect",
+                    realistic_pod_body(
+                        f"worker-{i}", gpu_names[i % len(gpu_names)], worker=True, gpus=1
+                    ),
+                )
+                if i < WORKERS
+                else (f"apps-{i % 20}", realistic_pod_body(f"app-{i}", names[i % len(names)]))
+                for i in range(PODS)
+            ]
+            for namespace in {namespace for namespace, _ in pods}:
+                core.create_namespace(
+                    client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace))
+                )
+            list(pool.map(lambda pod: core.create_namespaced_pod(*pod), pods))
+    results["cluster_create_s"] = time.perf_counter() - started
+    return allocatable
+
+
+def _barrier(
+    core: client.CoreV1Api, http: httpx.Client, allocatable: dict[str, dict[str, int]]
+) -> None:
+    """A real change after a burst of updates: once it shows, the operator has seen them all."""
+    last = sorted(allocatable)[0]
+    target = (sum(allocatable[last].values()) + 1) % 9
+    resource = next(iter(allocatable[last]))
+    allocatable[last] = {resource: target}
+    core.patch_node_status(last, {"status": {"allocatable": {resource: str(target)}}})
+    eventually(
+        lambda: http.get(f"/v2/concurrency_limits/gpu:{last}").json()["limit"] == target,
+        timeout=60,
+        what="the barrier change",
+    )
+
+
+def _delete_limits(api_url: str) -> None:
+    reader = PrefectLimitsReader(api_url)  # one at a time: parallel deletes reset connections
+    try:
+        for name in reader.limits():
+            reader.delete(name)
+    finally:
+        reader.close()
+
+
+class _Results(dict[str, float]):
+    """Figures of one run, each also printed when measured: a later phase that fails loses none."""
+
+    def __setitem__(self, key: str, value: float) -> None:
+        print(f"  {key:28} {value:10.2f}", file=sys.stderr, flush=True)
+        super().__setitem__(key, value)
+
+
+def _change_reconciles(operator: OperatorProcess) -> float:
+    return operator.metric("prefect_gpu_operator_reconciles_total", trigger="change")
+
+
 def _full_reconciles(operator: OperatorProcess) -> float:
     return operator.metric("prefect_gpu_operator_reconcile_seconds_count", trigger="full")
 
@@ -295,8 +430,15 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=5.0)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=None, help="default 1, 3 with --realistic")
+    parser.add_argument("--realistic", action="store_true", help="~15 KB nodes, pods, churn")
+    parser.add_argument("--pods", type=int, default=20_000, help="with --realistic")
+    parser.add_argument("--workers", type=int, default=300, help="of the pods, Prefect workers")
+    parser.add_argument("--gpu-fraction", type=float, default=0.4, help="nodes with GPUs")
     parser.add_argument("--profile", default="", help="py-spy the operator during the changes")
+    parser.add_argument(
+        "--tracemalloc", default="", help="file for the operator's top allocation sites at peak"
+    )
     parser.add_argument(
         "--database", choices=("sqlite", "postgres"), default="sqlite", help="Prefect's backend"
     )
@@ -304,13 +446,23 @@ def main() -> None:
         "--write-concurrency", type=int, default=12, help="Prefect writes at a time (1: baseline)"
     )
     args = parser.parse_args()
-    global PROFILE, DATABASE, WRITE_CONCURRENCY
+    global PROFILE, DATABASE, WRITE_CONCURRENCY, REALISTIC, PODS, WORKERS, GPU_FRACTION, TRACEMALLOC
+    TRACEMALLOC = args.tracemalloc
+    REALISTIC, PODS, WORKERS, GPU_FRACTION = (
+        args.realistic,
+        args.pods,
+        args.workers,
+        args.gpu_fraction,
+    )
+    args.runs = args.runs or (3 if REALISTIC else 1)
     WRITE_CONCURRENCY = args.write_concurrency
     PROFILE = args.profile
     DATABASE = args.database
     runs = [run_once(args.nodes, args.rate, args.seconds, seed) for seed in range(args.runs)]
     print(
-        f"\n{args.nodes} nodes, {args.rate:g} changes/s for {args.seconds:g} s, {args.runs} run(s),"
+        f"\n{args.nodes} {'realistic ' if REALISTIC else ''}nodes"
+        + (f", {PODS} pods ({WORKERS} workers)" if REALISTIC else "")
+        + f", {args.rate:g} changes/s for {args.seconds:g} s, {args.runs} run(s),"
         f" Prefect on {args.database}, {args.write_concurrency} Prefect writes at a time"
     )
     for key in runs[0]:
