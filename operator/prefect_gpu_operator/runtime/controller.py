@@ -229,7 +229,7 @@ class Controller:
             self.prefect.forget(spec.server.api_url)  # re-read everything once it is back
             self.status.write(name, record, Outcome(generation, plan, prefect_error=message))
             return [*done, events.prefect_unreachable(message)]
-        export_metrics(name, record, plan.ledger, {n: o.active_slots for n, o in observed.items()})
+        export_metrics(name, record, plan.ledger, observed)
         outcome = Outcome(
             generation,
             plan,

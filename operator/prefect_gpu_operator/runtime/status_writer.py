@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from prefect_gpu_operator.adapters.kube import StatusNotWritten
 from prefect_gpu_operator.api.policy import GPULimitPolicyStatus, LimitEntry
+from prefect_gpu_operator.domain.plan import ObservedLimit
 from prefect_gpu_operator.domain.status import Outcome, build_status, with_ledger
 from prefect_gpu_operator.metrics import MANAGED_LIMITS, NODE_HELD_SLOTS, NODE_SLOTS
 from prefect_gpu_operator.runtime.ports import KubeApi
@@ -35,9 +36,9 @@ def export_metrics(
     name: str,
     record: PolicyRecord,
     ledger: Iterable[LimitEntry],
-    held: Mapping[str, int] | None = None,
+    observed: Mapping[str, ObservedLimit] | None = None,
 ) -> None:
-    """The policy's managed limits and each node's slots and, by limit name in ``held``, the
+    """The policy's managed limits and each node's slots and, as last read in ``observed``, the
     slots held; nodes that left are removed."""
     entries = tuple(ledger)
     MANAGED_LIMITS.labels(name).set(len(entries))
@@ -48,7 +49,8 @@ def export_metrics(
                 gauge.remove(name, gone)
     for entry in entries:
         NODE_SLOTS.labels(name, entry.node).set(entry.limit)
-        NODE_HELD_SLOTS.labels(name, entry.node).set((held or {}).get(entry.name, 0))
+        seen = (observed or {}).get(entry.name)
+        NODE_HELD_SLOTS.labels(name, entry.node).set(seen.active_slots if seen else 0)
     record.exported_nodes = nodes
 
 
