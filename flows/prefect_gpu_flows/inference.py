@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -235,6 +236,9 @@ class Embedded:
     held: tuple[str, str] = ("", "")
     """When the slot was held (ISO 8601, UTC): first and last instant inside ``gpu_slot()``, so
     the held intervals of two runs on one node overlap only if the node's limit let them."""
+    visible_devices: str | None = None
+    """``CUDA_VISIBLE_DEVICES`` as the step saw it inside the slot (None if unset): what CUDA in
+    this process could reach, recorded by the step itself rather than by any bookkeeping."""
 
 
 @task(cache_policy=NO_CACHE)
@@ -251,6 +255,9 @@ def save_embeddings(documents: list[Document], embedded: Embedded, output_dir: P
         "slot_devices": list(embedded.slot_devices),
         "embed_seconds": round(embedded.seconds, 4),
         "slot_held": list(embedded.held),
+        "cuda_visible_devices": embedded.visible_devices,
+        # What the container was given (NVIDIA's device plugin sets it), beside what the step saw.
+        "nvidia_visible_devices": os.environ.get("NVIDIA_VISIBLE_DEVICES"),
         "embeddings": "embeddings.npy",
         "ids": [document.id for document in documents],
     }
@@ -273,6 +280,7 @@ def embed(documents: list[Document]) -> Embedded:
     logger = get_run_logger()
     with gpu_slot() as lease:
         acquired = datetime.now(UTC).isoformat()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         started = time.perf_counter()
         with slot_encoder(lease) as encoder:
             vectors = encoder.embed([document.text for document in documents])
@@ -286,7 +294,8 @@ def embed(documents: list[Document]) -> Embedded:
         ", ".join(lease.devices),
         seconds,
     )
-    return Embedded(vectors, encoder.device, lease.devices, seconds, (acquired, released))
+    held = (acquired, released)
+    return Embedded(vectors, encoder.device, lease.devices, seconds, held, visible)
 
 
 # ## The flow

@@ -64,14 +64,32 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "readme-install": {
         "defaultPolicy": {"enabled": True, "spec": {"server": {"remoteApiUrl": PREFECT_API}}}
     },
-    # charts/kind-demo.sh.
-    "kind-demo": {
-        "operator": {"image": {"repository": "prefect-gpu-operator", "tag": "dev"}},
-        "defaultPolicy": {"enabled": True, "spec": {"server": {"remoteApiUrl": PREFECT_API}}},
+    # The cluster demo's install (demo/cluster.py): local images, the GPU worker with extra env.
+    "cluster-demo": {
+        "operator": {
+            "image": {
+                "repository": "localhost/prefect-gpu-operator",
+                "tag": "dev",
+                "pullPolicy": "Never",
+            }
+        },
         "inferenceWorker": {
             "enabled": True,
-            "image": {"repository": "prefect-gpu-operator", "tag": "dev"},
+            "image": {
+                "repository": "localhost/prefect-gpu-worker",
+                "tag": "dev",
+                "pullPolicy": "Never",
+            },
             "prefectApiUrl": PREFECT_API,
+            "gpus": 2,
+            "extraEnv": [
+                {"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"},
+                {
+                    "name": "PREFECT_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": "prefect", "key": "api-key"}},
+                },
+            ],
+            "extraEnvFrom": [{"secretRef": {"name": "prefect-settings"}}],
         },
     },
     # A Prefect API behind an HTTPS proxy and a private CA (README "GPULimitPolicy"), and a

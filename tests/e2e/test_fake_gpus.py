@@ -13,9 +13,9 @@ import pytest
 from kubernetes import client
 
 from prefect_gpu_sandbox.node import GPU_RESOURCE, NodeCluster
+from prefect_gpu_sandbox.on_node import kubectl_exec
 from prefect_gpu_sandbox.waiting import eventually
 from tests.e2e.conftest import FAKE_GPUS
-from tests.support.kubectl import kubectl_exec
 
 pytestmark = pytest.mark.e2e
 

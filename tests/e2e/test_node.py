@@ -14,8 +14,8 @@ import pytest
 from kubernetes import client
 
 from prefect_gpu_sandbox.node import NodeCluster
+from prefect_gpu_sandbox.on_node import kubectl_exec
 from prefect_gpu_sandbox.waiting import eventually
-from tests.support.kubectl import kubectl_exec
 
 pytestmark = pytest.mark.e2e
 

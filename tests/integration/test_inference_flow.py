@@ -174,6 +174,8 @@ def test_deployment_runs_on_a_process_worker_and_embeds_meaningfully(
     assert summary["device"] == "cpu"  # no CUDA on this machine
     assert len(summary["slot_devices"]) == 1
     assert summary["slot_devices"][0] in {str(slot) for slot in range(SLOTS)}  # no GPU list here
+    # The step itself saw CUDA pinned to its slot's device.
+    assert summary["cuda_visible_devices"] == summary["slot_devices"][0]
     assert vectors.shape == (len(lines), summary["dimensions"]) == (len(lines), 384)
 
     cosine = vectors @ vectors.T

@@ -33,6 +33,7 @@ from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
 from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.demo import workers as demo_workers
 from prefect_gpu_sandbox.demo.pods import WorkerPod, create_worker_pod
+from prefect_gpu_sandbox.demo.report import limits, print_limits, step, wait_for_limits
 from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.processes import ServerProcess, free_port, interrupt_safe
 from prefect_gpu_sandbox.waiting import eventually
@@ -50,24 +51,20 @@ DOCUMENT_COPIES = 20
 moment and the runs of a node queue for its slots."""
 
 
-def _step(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 @contextmanager
 def _servers(directory: Path) -> Iterator[tuple[ControlPlane, PrefectServer]]:
     plane = ControlPlane(directory / "cluster")
     prefect = PrefectServer(directory / "prefect")
     try:
-        _step("starting etcd + kube-apiserver on 127.0.0.1")
+        step("starting etcd + kube-apiserver on 127.0.0.1")
         plane.start()
-        _step(f"kube-apiserver ready at {plane.url}")
-        _step("starting a Prefect server (SQLite) on 127.0.0.1")
+        step(f"kube-apiserver ready at {plane.url}")
+        step("starting a Prefect server (SQLite) on 127.0.0.1")
         prefect.start()
-        _step(f"Prefect API ready at {prefect.api_url}")
+        step(f"Prefect API ready at {prefect.api_url}")
         yield plane, prefect
     finally:
-        _step("stopping the servers")
+        step("stopping the servers")
         interrupt_safe(prefect.stop)
         interrupt_safe(plane.stop)
 
@@ -91,15 +88,15 @@ def _operator(kubeconfig: Path, directory: Path, webhook: WebhookEndpoint) -> It
         log_path=directory / "operator.log",
         env=env,
     )
-    _step("starting the operator with its webhook (prefect-gpu-operator run)")
+    step("starting the operator with its webhook (prefect-gpu-operator run)")
     operator.start()
     try:
         operator.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"), timeout=60)
         operator.wait_ready(webhook.serving, timeout=30)
-        _step(f"operator running, webhook serving on {webhook.url}; log: {operator.log_path}")
+        step(f"operator running, webhook serving on {webhook.url}; log: {operator.log_path}")
         yield
     finally:
-        _step("stopping the operator")
+        step("stopping the operator")
         interrupt_safe(operator.stop)
 
 
@@ -136,23 +133,7 @@ def _install_crd(api: client.ApiClient) -> None:
         return any(c.type == "Established" and c.status == "True" for c in conditions)
 
     eventually(established, timeout=30, what="the GPULimitPolicy CRD")
-    _step(f"installed CRD {PLURAL}.{GROUP} (kubectl get glp)")
-
-
-def _limits(http: httpx.Client) -> dict[str, dict[str, Any]]:
-    response = http.post("/v2/concurrency_limits/filter", json={"limit": 200, "offset": 0})
-    response.raise_for_status()
-    return {item["name"]: item for item in response.json()}
-
-
-def _print_limits(http: httpx.Client) -> None:
-    rows = sorted(_limits(http).values(), key=lambda item: item["name"])
-    print(f"    {'NAME':<20}{'LIMIT':>6}{'ACTIVE SLOTS':>14}{'ACTIVE':>8}   (prefect gcl ls)")
-    for item in rows:
-        print(
-            f"    {item['name']:<20}{item['limit']:>6}{item['active_slots']:>14}"
-            f"{item['active']!s:>8}"
-        )
+    step(f"installed CRD {PLURAL}.{GROUP} (kubectl get glp)")
 
 
 def _policy_status(custom: client.CustomObjectsApi) -> dict[str, Any]:
@@ -174,16 +155,6 @@ def _print_policy(custom: client.CustomObjectsApi) -> None:
     )
 
 
-def _wait_for_limits(http: httpx.Client, expected: dict[str, int], timeout: float) -> float:
-    started = time.perf_counter()
-
-    def matches() -> bool:
-        return {n: i["limit"] for n, i in _limits(http).items() if n.startswith("gpu:")} == expected
-
-    eventually(matches, timeout=timeout, what=f"limits {expected}", interval=0.01)
-    return time.perf_counter() - started
-
-
 def _policy_and_limits(
     core: client.CoreV1Api, custom: client.CustomObjectsApi, http: httpx.Client, api_url: str
 ) -> None:
@@ -194,16 +165,16 @@ def _policy_and_limits(
         "spec": {"server": {"remoteApiUrl": api_url}},
     }
     custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, policy)
-    _step("applied GPULimitPolicy 'default' (every node, nvidia.com/gpu, 1 slot per GPU)")
-    took = _wait_for_limits(http, {"gpu:gpu-node-1": 2, "gpu:gpu-node-2": 2}, 60)
-    _step(f"the operator created one limit per GPU node in {took:.2f} s:")
-    _print_limits(http)
+    step("applied GPULimitPolicy 'default' (every node, nvidia.com/gpu, 1 slot per GPU)")
+    took = wait_for_limits(http, {"gpu:gpu-node-1": 2, "gpu:gpu-node-2": 2}, 60)
+    step(f"the operator created one limit per GPU node in {took:.2f} s:")
+    print_limits(http)
 
     core.patch_node_status("gpu-node-1", {"status": {"allocatable": {"nvidia.com/gpu": "1"}}})
-    _step("a GPU of gpu-node-1 failed (allocatable nvidia.com/gpu 2 -> 1)")
-    took = _wait_for_limits(http, {"gpu:gpu-node-1": 1, "gpu:gpu-node-2": 2}, 30)
-    _step(f"the limit followed in {took * 1000:.0f} ms:")
-    _print_limits(http)
+    step("a GPU of gpu-node-1 failed (allocatable nvidia.com/gpu 2 -> 1)")
+    took = wait_for_limits(http, {"gpu:gpu-node-1": 1, "gpu:gpu-node-2": 2}, 30)
+    step(f"the limit followed in {took * 1000:.0f} ms:")
+    print_limits(http)
 
 
 def _worker_pods(api: client.ApiClient, api_url: str) -> list[WorkerPod]:
@@ -213,7 +184,7 @@ def _worker_pods(api: client.ApiClient, api_url: str) -> list[WorkerPod]:
             api, WORKER_NAMESPACE, node, pool=demo_workers.POOL, api_url=api_url
         )
         pods.append(pod)
-        _step(
+        step(
             f"created pod {WORKER_NAMESPACE}/{pod.name} (labels app.kubernetes.io/name="
             f"prefect-worker, spec.nodeName={node}); it stays Pending (no kubelet)"
         )
@@ -231,7 +202,7 @@ def _inference(directory: Path, pods: list[WorkerPod], http: httpx.Client, api_u
     output = work / "output"
     with SyncPrefectClient(api_url) as prefect:
         deployment = demo_workers.create_deployment(prefect, WORKER_NODES)
-        _step(
+        step(
             f"deployed {demo_workers.DEPLOYMENT} as flows/prefect.yaml declares it, to pool "
             f"{demo_workers.POOL}, with a work queue per node"
         )
@@ -242,12 +213,13 @@ def _inference(directory: Path, pods: list[WorkerPod], http: httpx.Client, api_u
                 limit=RUNS_PER_NODE,
                 api_url=api_url,
                 directory=work,
+                output_dir=output,
             )
             for pod in pods
         ]
         with demo_workers.running_workers(workers):
             for worker in workers:
-                _step(f"started {worker.command}")
+                step(f"started {worker.command}")
             started = time.perf_counter()
             runs = demo_workers.run_flows(
                 prefect,
@@ -255,20 +227,18 @@ def _inference(directory: Path, pods: list[WorkerPod], http: httpx.Client, api_u
                 workers,
                 runs_per_node=RUNS_PER_NODE,
                 parameters={"documents_path": str(documents.path), "output_dir": str(output)},
-                output_dir=output,
                 timeout=300,
-                report=_step,
+                report=step,
             )
-            _step(
+            step(
                 f"all {len(runs)} flow runs Completed in {time.perf_counter() - started:.1f} s "
                 f"({documents.count} documents each); stopping the workers"
             )
-    limits = {name: item["limit"] for name, item in _limits(http).items()}
-    demo_workers.print_timeline(runs, limits)
+    demo_workers.print_timeline(runs, {name: item["limit"] for name, item in limits(http).items()})
     demo_workers.write_timeline(runs, work / "timeline.json")
     print(f"    (as JSON: {work / 'timeline.json'}; each run's summary.json under {output})")
-    _step("the limits after the runs (every slot released):")
-    _print_limits(http)
+    step("the limits after the runs (every slot released):")
+    print_limits(http)
 
 
 def run_demo(directory: Path) -> None:
@@ -283,12 +253,12 @@ def run_demo(directory: Path) -> None:
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
         for name, gpus in SIMULATED_NODES.items():
             core.create_node(_simulated_node(name, gpus))
-            _step(f"created simulated node {name} with nvidia.com/gpu={gpus or 'none'}")
+            step(f"created simulated node {name} with nvidia.com/gpu={gpus or 'none'}")
         webhook = WebhookEndpoint(directory / "webhook", name="prefect-gpu-operator-demo")
-        _step("made the webhook's CA and serving certificate for 127.0.0.1 (pki.py)")
+        step("made the webhook's CA and serving certificate for 127.0.0.1 (pki.py)")
         with _operator(plane.kubeconfig, directory, webhook):
             webhook.register(api, OPERATOR_NAMESPACE)
-            _step(
+            step(
                 f"registered the chart's MutatingWebhookConfiguration as {webhook.name} -> "
                 f"{webhook.url} (failurePolicy Ignore, timeout 5 s)"
             )
@@ -297,9 +267,9 @@ def run_demo(directory: Path) -> None:
             _inference(directory, pods, http, prefect.api_url)
 
             core.delete_node("gpu-node-2")
-            _step("gpu-node-2 left the cluster")
-            took = _wait_for_limits(http, {"gpu:gpu-node-1": 1}, 30)
-            _step(f"its limit was removed in {took * 1000:.0f} ms (deletionPolicy: Delete)")
+            step("gpu-node-2 left the cluster")
+            took = wait_for_limits(http, {"gpu:gpu-node-1": 1}, 30)
+            step(f"its limit was removed in {took * 1000:.0f} ms (deletionPolicy: Delete)")
             eventually(
                 lambda: _policy_status(custom).get("nodes") == 1,
                 timeout=30,
@@ -311,14 +281,19 @@ def run_demo(directory: Path) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    run = run_demo
+    if args.cluster:
+        from prefect_gpu_sandbox.demo.cluster import run_cluster_demo
+
+        run = run_cluster_demo
     try:
         if args.dir is not None:
-            run_demo(args.dir)
+            run(args.dir.resolve())
         else:
             with tempfile.TemporaryDirectory(prefix="prefect-gpu-demo-") as directory:
-                run_demo(Path(directory))
+                run(Path(directory))
     except KeyboardInterrupt:
-        _step("interrupted; everything the demo started has been stopped")
+        step("interrupted; everything the demo started has been stopped")
         return 130
     return 0
 
@@ -328,4 +303,10 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "demo", help="start a local cluster and Prefect server and show the operator at work"
     )
     demo.add_argument("--dir", type=Path, default=None, help="keep state here (default: temp)")
+    demo.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the same story on a real local node (kubelet, containerd) through the chart, with "
+        "the images built from the Dockerfile and real pods; needs root",
+    )
     demo.set_defaults(handler=_demo)

@@ -1,5 +1,6 @@
-"""The demo's inference part: the bundled ``embed-documents`` deployment run by two real process
-workers, one per simulated GPU node, and a timeline of when each run held a GPU slot.
+"""The demo's inference part: the bundled ``embed-documents`` deployment run by real process
+workers (local processes, one per simulated GPU node, or the chart's worker pods on a real node)
+and a timeline of when each run held a GPU slot.
 
 Each worker is ``prefect worker start --pool gpu-process-pool --work-queue <node> --limit N`` with
 ``WORKER_ID=<node>``; its flow runs are subprocesses that share the node's GPU slots through
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from prefect_gpu_sandbox.processes import (
@@ -39,6 +40,7 @@ __all__ = [
     "DocumentBatch",
     "FinishedRun",
     "NodeWorker",
+    "RunSite",
     "check_inference_installed",
     "create_deployment",
     "max_concurrency",
@@ -116,13 +118,39 @@ def write_documents(path: Path, copies: int) -> DocumentBatch:
 # --- the workers -----------------------------------------------------------------------------
 
 
+class RunSite(Protocol):
+    """Where a node's flow runs happen, as ``run_flows`` watches them."""
+
+    node: str
+    queue: str | None
+    """The work queue of this node's runs; None: the deployment's own."""
+
+    def check(self) -> None:
+        """Raise if the worker is gone (its runs would never finish)."""
+
+    def log_tail(self, lines: int = 40) -> str: ...
+
+    def summary(self, run_id: UUID) -> dict[str, Any]:
+        """The summary.json the run wrote."""
+        ...
+
+
 class NodeWorker:
     """``WORKER_ID=<node> prefect worker start --pool gpu-process-pool --work-queue <node>``."""
 
     def __init__(
-        self, node: str, worker_id: str, *, limit: int, api_url: str, directory: Path
+        self,
+        node: str,
+        worker_id: str,
+        *,
+        limit: int,
+        api_url: str,
+        directory: Path,
+        output_dir: Path,
     ) -> None:
         self.node = node
+        self.queue: str | None = node
+        self.output_dir = output_dir
         home = directory / node
         home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -151,6 +179,18 @@ class NodeWorker:
 
     def start(self) -> None:
         self.process.start()
+
+    def check(self) -> None:
+        if not self.process.running():
+            raise RuntimeError(f"{self.process.name} exited:\n{self.process.log_tail(40)}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.process.log_tail(lines)
+
+    def summary(self, run_id: UUID) -> dict[str, Any]:
+        path = self.output_dir / str(run_id) / "summary.json"
+        summary: dict[str, Any] = json.loads(path.read_text())
+        return summary
 
     def stop(self, grace: float = 10.0) -> None:
         """Let finished flow runs exit, then stop the worker and any flow run still running."""
@@ -200,52 +240,48 @@ class FinishedRun:
 def run_flows(
     prefect: SyncPrefectClient,
     deployment: UUID,
-    workers: Sequence[NodeWorker],
+    workers: Sequence[RunSite],
     *,
     runs_per_node: int,
     parameters: dict[str, Any],
-    output_dir: Path,
     timeout: float,
     report: Callable[[str], None],
 ) -> list[FinishedRun]:
-    """Create ``runs_per_node`` runs on each node's queue and wait until every one is Completed."""
-    pending: dict[UUID, tuple[str, str]] = {}
+    """Create ``runs_per_node`` runs for each node and wait until every one is Completed."""
+    pending: dict[UUID, tuple[str, RunSite]] = {}
     for worker in workers:
         for number in range(1, runs_per_node + 1):
             name = f"{worker.node}/run-{number}"
             run = prefect.create_flow_run_from_deployment(
-                deployment, parameters=parameters, name=name, work_queue_name=worker.node
+                deployment, parameters=parameters, name=name, work_queue_name=worker.queue
             )
-            pending[run.id] = (name, worker.node)
-    report(
-        f"created {len(pending)} flow runs of {DEPLOYMENT}: {runs_per_node} on each node's queue"
-    )
+            pending[run.id] = (name, worker)
+    report(f"created {len(pending)} flow runs of {DEPLOYMENT}: {runs_per_node} for each node")
 
     finished: list[FinishedRun] = []
     deadline = time.monotonic() + timeout
     while pending:
         for worker in workers:
-            if not worker.process.running():
-                raise RuntimeError(f"{worker.process.name} exited:\n{worker.process.log_tail(40)}")
-        for run_id, (name, node) in list(pending.items()):
+            worker.check()
+        for run_id, (name, worker) in list(pending.items()):
             run = prefect.read_flow_run(run_id)
             if run.state is None or not run.state.is_final():
                 continue
             if not run.state.is_completed():
-                log = next(w for w in workers if w.node == node).process.log_tail(40)
+                log = worker.log_tail(40)
                 raise RuntimeError(f"{name} ended {run.state.name}: {run.state.message}\n{log}")
             del pending[run_id]
-            summary = json.loads((output_dir / str(run_id) / "summary.json").read_text())
+            summary = worker.summary(run_id)
             started, ended = run.start_time, run.end_time
             if started is None or ended is None:
                 raise RuntimeError(f"{name} is Completed but has no start or end time")
             state = run.state.name or run.state.type.value
-            done = FinishedRun(run_id, name, node, state, started, ended, summary)
+            done = FinishedRun(run_id, name, worker.node, state, started, ended, summary)
             finished.append(done)
             first, last = done.held
             report(
                 f"{name} {done.state}: {summary['documents']} documents embedded on "
-                f"{summary['device']} (device {summary['slot_devices'][0]} of gpu:{node}), "
+                f"{summary['device']} (device {summary['slot_devices'][0]} of gpu:{worker.node}), "
                 f"slot held {(last - first).total_seconds():.2f} s"
             )
         if time.monotonic() > deadline:
@@ -281,6 +317,9 @@ def write_timeline(runs: Sequence[FinishedRun], path: Path) -> None:
             "ended": run.ended.isoformat(),
             "slot_held": run.summary["slot_held"],
             "slot_devices": run.summary["slot_devices"],
+            # What the run's GPU step saw, and what its container was given, from its summary.
+            "cuda_visible_devices": run.summary.get("cuda_visible_devices"),
+            "nvidia_visible_devices": run.summary.get("nvidia_visible_devices"),
         }
         for run in sorted(runs, key=lambda run: run.name)
     ]
@@ -297,7 +336,8 @@ def print_timeline(runs: Sequence[FinishedRun], limits: dict[str, int], width: i
 
     print("    timeline ('-' flow run running, '#' its embed step holding a GPU slot):")
     end = f"{span:.1f} s"
-    print(f"    {'FLOW RUN':<18} {'GPU':<4} 0 s{end:>{width - 1}}")
+    device_width = max(4, *(len(run.summary["slot_devices"][0]) for run in runs))
+    print(f"    {'FLOW RUN':<18} {'GPU':<{device_width}} 0 s{end:>{width - 1}}")
     for run in sorted(runs, key=lambda run: run.name):
         row = [" "] * width
         for index in range(column(run.started), column(run.ended) + 1):
@@ -305,7 +345,8 @@ def print_timeline(runs: Sequence[FinishedRun], limits: dict[str, int], width: i
         first, last = run.held
         for index in range(column(first), column(last) + 1):
             row[index] = "#"
-        print(f"    {run.name:<18} {run.summary['slot_devices'][0]:<4} |{''.join(row)}|")
+        device = run.summary["slot_devices"][0]
+        print(f"    {run.name:<18} {device:<{device_width}} |{''.join(row)}|")
     for node in sorted({run.node for run in runs}):
         peak = max_concurrency([run.held for run in runs if run.node == node])
         limit = limits.get(f"gpu:{node}", 0)
