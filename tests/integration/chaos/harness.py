@@ -37,10 +37,12 @@ WORKERS_PER_NODE = 2
 
 
 class Poller:
-    """Reads the chaos limits from Prefect every POLL_SECONDS in a thread (skips while down)."""
+    """Reads the limits named ``prefix``... from Prefect every POLL_SECONDS in a thread (skips
+    while down); the chaos nodes' by default."""
 
-    def __init__(self, api_url: str) -> None:
+    def __init__(self, api_url: str, prefix: str = "gpu:chaos-") -> None:
         self.http = httpx.Client(base_url=api_url, timeout=2.0)
+        self.prefix = prefix
         self.snapshots: list[Snapshot] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chaos-poller", daemon=True)
@@ -67,14 +69,15 @@ class Poller:
                 limits = {
                     item["name"].removeprefix("gpu:"): int(item["limit"])
                     for item in response.json()
-                    if item["name"].startswith("gpu:chaos-")
+                    if item["name"].startswith(self.prefix)
                 }
                 self.snapshots.append(Snapshot(a, b, limits))
             self._done.wait(POLL_SECONDS)
 
 
 class Workers:
-    """The chaos workers: ``worker.py`` processes, WORKERS_PER_NODE per node."""
+    """The chaos workers: ``worker.py`` processes, WORKERS_PER_NODE per node, each on
+    ``api_url`` unless it is started with a server of its own (an API replica)."""
 
     def __init__(self, directory: Path, api_url: str) -> None:
         self.directory = directory
@@ -83,12 +86,12 @@ class Workers:
         self.lock_dir = directory / "locks"
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, node: str, index: int, *args: str) -> None:
+    def start(self, node: str, index: int, *args: str, api_url: str | None = None) -> None:
         env = {
             **os.environ,
             "WORKER_ID": node,
             "PREFECT_GPU_LOCK_DIR": str(self.lock_dir),
-            "PREFECT_API_URL": self.api_url,
+            "PREFECT_API_URL": api_url or self.api_url,
         }
         name = f"{node}-{index}"
         with (self.directory / f"{name}.log").open("ab") as log:
