@@ -35,7 +35,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.support
@@ -51,6 +53,7 @@ from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
 from prefect_gpu_sandbox.controlplane import ControlPlane
 from prefect_gpu_sandbox.postgres import PostgresServer
 from prefect_gpu_sandbox.prefect_server import PrefectServer
+from prefect_gpu_sandbox.processes import interrupt_safe
 from prefect_gpu_sandbox.waiting import eventually
 
 PROFILE = ""
@@ -232,7 +235,7 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
 
             # 3. noise
             calls, (_, cpu) = operator.prefect_calls(), _proc(operator.process.pid)
-            with ThreadPoolExecutor(8) as pool:
+            with _pool(8) as pool:
                 list(
                     pool.map(
                         lambda name: core.patch_node_status(
@@ -262,7 +265,7 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
                 calls = operator.prefect_calls()
                 wakes = _change_reconciles(operator)
                 stamp = str(int(time.time()))
-                with ThreadPoolExecutor(8) as pool:
+                with _pool(8) as pool:
                     list(
                         pool.map(
                             lambda name: core.patch_node(
@@ -316,13 +319,24 @@ def run_once(nodes: int, rate: float, seconds: float, seed: int) -> dict[str, fl
             http.close()
             api.close()
         finally:
+            # Held against a second Ctrl-C: an interrupted clean-up would leave servers behind.
             if operator is not None:
-                operator.stop()
-            prefect.stop()
+                interrupt_safe(operator.stop)
+            interrupt_safe(prefect.stop)
             if postgres is not None:
-                postgres.stop()
-            plane.stop()
+                interrupt_safe(postgres.stop)
+            interrupt_safe(plane.stop)
     return results
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """Threads for API calls; on Ctrl-C the queued calls are dropped, not waited for."""
+    pool = ThreadPoolExecutor(workers)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _memtrace_env() -> dict[str, str]:
@@ -352,7 +366,7 @@ def _create_cluster(
         else:
             bodies.append(realistic_node_body(f"cpu-{index:04d}", index))
     started = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
+    with _pool(16) as pool:
         list(pool.map(core.create_node, bodies))
         if REALISTIC:
             names = [body["metadata"]["name"] for body in bodies]  # type: ignore[index]

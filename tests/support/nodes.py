@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 __all__ = ["NodeFactory", "gpu_node_body"]
 
@@ -46,7 +46,8 @@ class NodeFactory:
         labels: Mapping[str, str] | None = None,
     ) -> client.V1Node:
         wanted = dict(resources) if resources is not None else {"nvidia.com/gpu": gpus}
-        node: client.V1Node = self.core.create_node(gpu_node_body(name, wanted, labels))
+        body = gpu_node_body(name, wanted, labels)  # a plain dict, which the client sends as it is
+        node: client.V1Node = self.core.create_node(body)  # type: ignore[arg-type]
         self.created.append(name)
         return node
 
