@@ -19,6 +19,7 @@ __all__ = [
     "LimitNameError",
     "is_valid_limit_name",
     "limit_name",
+    "template_of",
     "template_problems",
 ]
 
@@ -60,3 +61,16 @@ def limit_name(template: str, node: str) -> str:
             f"empty names and / % & > <"
         )
     return name
+
+
+def template_of(name: str, node: str) -> str | None:
+    """A template that makes ``name`` for ``node`` (each occurrence of the node replaced by
+    ``{node}``), or None when there is none: how a status ledger tells which names it may leave
+    out."""
+    if node not in name:
+        return None
+    template = name.replace(node, NODE_PLACEHOLDER)
+    try:
+        return template if limit_name(template, node) == name else None
+    except LimitNameError:
+        return None

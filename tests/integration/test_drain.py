@@ -19,7 +19,7 @@ from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.waiting import eventually, holds
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, PrefectLimitsReader
-from tests.support.policies import Policies, pool_spec
+from tests.support.policies import Policies, ledger, pool_spec
 
 pytestmark = pytest.mark.integration
 
@@ -100,5 +100,5 @@ def _hold(prefect: SyncPrefectClient, name: str, *, retries: bool = True) -> UUI
 
 
 def _ledger(policies: Policies) -> dict[str, object]:
-    (entry,) = policies.status("dr").get("limits") or [{}]
+    (entry,) = ledger(policies.status("dr")) or [{}]
     return dict(entry)

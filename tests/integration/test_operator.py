@@ -8,7 +8,7 @@ import pytest
 
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.operator import Scene, expect_limits
-from tests.support.policies import pool_spec
+from tests.support.policies import ledger, pool_spec
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def test_gpu_nodes_get_limits(scene: Scene) -> None:
     status = eventually(status_settled)
     assert status["totalSlots"] == 6
     assert status["observedGeneration"] == 1
-    assert sorted(status["limits"], key=lambda e: e["name"]) == [
+    assert sorted(ledger(status), key=lambda e: e["name"]) == [
         {"name": "gpu:t1-a", "node": "t1-a", "limit": 4},
         {"name": "gpu:t1-b", "node": "t1-b", "limit": 2},
     ]
@@ -94,7 +94,7 @@ def test_user_limits_are_never_touched(scene: Scene) -> None:
         return condition
 
     assert "gpu:t5-a" in eventually(conflict)["message"]
-    assert [e["name"] for e in scene.policies.status("t5")["limits"]] == ["gpu:t5-b"]
+    assert [e["name"] for e in ledger(scene.policies.status("t5"))] == ["gpu:t5-b"]
 
     scene.policies.delete("t5")
     assert scene.limits.limits("gpu:t5-") == {"gpu:t5-a": 1}

@@ -14,7 +14,7 @@ from prefect_gpu_sandbox.prefect_server import PrefectServer
 from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess, PrefectLimitsReader, expect_limits
-from tests.support.policies import Policies, pool_spec
+from tests.support.policies import Policies, ledger, pool_spec
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def test_prefect_outage_is_reported_and_survived(
     expect_limits(reader, "gpu:f1-", {"gpu:f1-a": 1, "gpu:f1-c": 8}, timeout=30)
     eventually(lambda: _condition_status(policies, "f1", "PrefectReachable", "True"), timeout=10)
     eventually(lambda: _condition_status(policies, "f1", "Ready", "True"), timeout=10)
-    assert sorted(e["name"] for e in policies.status("f1")["limits"]) == ["gpu:f1-a", "gpu:f1-c"]
+    assert sorted(e["name"] for e in ledger(policies.status("f1"))) == ["gpu:f1-a", "gpu:f1-c"]
     reader.close()
 
 
@@ -116,7 +116,7 @@ def test_sigkill_mid_reconcile_converges_without_duplicates_or_orphans(
 
 
 def _ledger_is(policies: Policies, name: str, names: set[str]) -> None:
-    assert {entry["name"] for entry in policies.status(name).get("limits", [])} == names
+    assert {entry["name"] for entry in ledger(policies.status(name))} == names
 
 
 def test_api_key_comes_from_the_secret_and_is_never_logged(

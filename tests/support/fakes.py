@@ -20,6 +20,7 @@ from prefect_gpu_operator.adapters.prefect_limits import (
 )
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
+from tests.support.policies import ledger
 
 __all__ = ["FakeKube", "FakePrefect", "Journal"]
 
@@ -162,7 +163,7 @@ class FakeKube:
             raise SecretNotFound(f"ConfigMap {namespace}/{name} not found") from None
 
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
-        limits = ",".join(entry["name"] for entry in status.get("limits") or [])
+        limits = ",".join(entry["name"] for entry in ledger(status))
         self.journal.append(f"status {name} limits={limits}")
         if self.status_gate is not None:
             await self.status_gate.wait()

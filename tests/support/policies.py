@@ -8,10 +8,17 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from prefect_gpu_operator.api.policy import GROUP, KIND, PLURAL, VERSION
+from prefect_gpu_operator.api.policy import GROUP, KIND, PLURAL, VERSION, GPULimitPolicyStatus
 from prefect_gpu_sandbox.waiting import eventually
 
-__all__ = ["Policies", "pool_spec"]
+__all__ = ["Policies", "ledger", "pool_spec"]
+
+
+def ledger(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A status's ledger with every entry named, as the operator reads it (on the wire, names
+    that follow ``limitNameTemplate`` are left out)."""
+    entries = GPULimitPolicyStatus.model_validate(status).limits
+    return [entry.model_dump(by_alias=True, exclude_none=True) for entry in entries]
 
 
 def pool_spec(api_url: str, pool: str, **extra: Any) -> dict[str, Any]:

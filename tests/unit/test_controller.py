@@ -15,6 +15,7 @@ from prefect_gpu_operator.domain.plan import ObservedLimit
 from prefect_gpu_operator.runtime.controller import Controller
 from prefect_gpu_operator.settings import OperatorSettings
 from tests.support.fakes import FakeKube, FakePrefect, Journal
+from tests.support.policies import ledger
 
 API_URL = "http://prefect.test/api"
 
@@ -94,7 +95,7 @@ def test_new_limits_are_in_the_ledger_before_they_are_created() -> None:
     # A crash between the two leaves a ledger naming gpu:a: the next reconcile owns it.
     assert journal.index("status p limits=gpu:a") < journal.index("prefect create gpu:a")
     assert world.prefect.limits == {"gpu:a": ObservedLimit("gpu:a", 4, True, 0.0)}
-    assert world.status()["limits"] == [{"name": "gpu:a", "node": "a", "limit": 4}]
+    assert ledger(world.status()) == [{"name": "gpu:a", "node": "a", "limit": 4}]
     assert world.condition("Ready")["status"] == "True"
 
 
@@ -122,7 +123,7 @@ def test_a_users_limit_of_the_same_name_is_never_touched() -> None:
     conflict = world.condition("Conflict")
     assert conflict["status"] == "True"
     assert "gpu:a" in conflict["message"]
-    assert world.status()["limits"] == []
+    assert ledger(world.status()) == []
 
 
 def test_two_policies_wanting_one_name_the_older_owns_it() -> None:
@@ -466,7 +467,7 @@ def test_a_node_that_loses_its_gpus_drains_instead_of_stranding_slots() -> None:
         assert world.prefect.limits["gpu:a"].limit == 1  # never 0 while slots are held
         assert world.controller.next_wait("p", 0) == 0.5  # polls while draining
         await world.settled()
-        assert world.status()["limits"] == [
+        assert ledger(world.status()) == [
             {"name": "gpu:a", "node": "a", "limit": 1, "drainingTo": 0}
         ]
         world.prefect.hold("gpu:a", 1)
@@ -480,7 +481,7 @@ def test_a_node_that_loses_its_gpus_drains_instead_of_stranding_slots() -> None:
 
     world = run(scenario, drain_poll_seconds=0.5, resync_seconds=30)
     assert world.prefect.limits["gpu:a"].limit == 0
-    assert world.status()["limits"] == [{"name": "gpu:a", "node": "a", "limit": 0}]
+    assert ledger(world.status()) == [{"name": "gpu:a", "node": "a", "limit": 0}]
 
 
 def _pod(uid: str, node: str, gpus: int) -> dict[str, Any]:
@@ -635,7 +636,7 @@ def test_a_failing_write_among_parallel_ones_is_reported_and_retried() -> None:
         await world.settled()
         assert world.condition("PrefectReachable")["status"] == "False"
         # Everything the plan named is in the ledger: nothing created is left unowned.
-        assert {e["name"] for e in world.status()["limits"]} >= set(world.prefect.limits)
+        assert {e["name"] for e in ledger(world.status())} >= set(world.prefect.limits)
         world.prefect.failing = set()
         await world.controller.reconcile("p", full=False)
         await world.settled()

@@ -113,9 +113,15 @@ def test_model_fields_match_schema_properties(
     path: str, model: type[BaseModel], schema: Schema
 ) -> None:
     fields = {field.alias or name: field for name, field in model.model_fields.items()}
-    assert set(schema["properties"]) == set(fields)
+    assert set(schema["properties"]) == set(fields) | WIRE_ONLY.get(path, set())
     required = {alias for alias, field in fields.items() if field.is_required()}
-    assert set(schema.get("required", [])) == required
+    assert set(schema.get("required", [])) == required - WIRE_OPTIONAL.get(path, set())
+
+
+# The compact ledger (GPULimitPolicyStatus): on the wire the status names the template its
+# ledger follows, and entries that follow it leave their names out.
+WIRE_ONLY = {"status": {"limitNameTemplate"}}
+WIRE_OPTIONAL = {"status.limits[]": {"name"}}
 
 
 @pytest.mark.parametrize(("path", "model", "schema"), MODEL_SCHEMAS, ids=IDS)

@@ -80,7 +80,8 @@ def test_worker_entries_name_the_limit_of_each_worker_node() -> None:
 def test_the_body_written_is_the_models_camel_case_dump() -> None:
     status = build_status(Outcome(1, Plan(ledger=(A,)), workers=frozenset({"x"})), EMPTY, "t1")
     body = status_body(status)
-    assert body["limits"] == [{"name": "gpu:a", "node": "a", "limit": 4}]
+    assert body["limits"] == [{"node": "a", "limit": 4}]  # named by the template
+    assert body["limitNameTemplate"] == "gpu:{node}"
     assert body["totalSlots"] == 4
     assert body["workers"] == [{"node": "x"}]  # no limit: the key is left out
     assert body["conditions"][0]["lastTransitionTime"] == "t1"
@@ -102,9 +103,29 @@ def test_draining_limits_time_sliced_nodes_and_short_workers_are_reported() -> N
         "WorkerSeesFewerGPUs",
         short[0],
     )
-    assert status_body(status)["limits"][0] == {
-        "name": "gpu:a",
-        "node": "a",
-        "limit": 1,
-        "drainingTo": 0,
-    }
+    assert status_body(status)["limits"][0] == {"node": "a", "limit": 1, "drainingTo": 0}
+
+
+def test_the_ledger_leaves_out_the_names_its_template_gives() -> None:
+    renamed = LimitEntry(name="old-gpu-a", node="a", limit=4)  # a limit being renamed
+    status = build_status(Outcome(1, Plan(ledger=(A, renamed, B))), EMPTY, "t1")
+    body = status_body(status)
+    assert body["limitNameTemplate"] == "gpu:{node}"  # the template most names follow
+    assert body["limits"] == [
+        {"node": "a", "limit": 4},
+        {"name": "old-gpu-a", "node": "a", "limit": 4},
+        {"node": "b", "limit": B.limit},
+    ]
+    assert GPULimitPolicyStatus.model_validate(body) == status
+
+
+def test_a_ledger_written_with_every_name_reads_the_same() -> None:
+    # As operators before the compact ledger wrote it: no template, every entry named.
+    body = {"limits": [{"name": "gpu:a", "node": "a", "limit": 4}, {"name": "x", "node": "b",
+                                                                    "limit": 2}]}  # fmt: skip
+    status = GPULimitPolicyStatus.model_validate(body)
+    assert [entry.name for entry in status.limits] == ["gpu:a", "x"]
+    assert status_body(status)["limits"] == [
+        {"node": "a", "limit": 4},
+        {"name": "x", "node": "b", "limit": 2},
+    ]

@@ -314,14 +314,14 @@ def _status_schema() -> Schema:
             "limit": {"type": "integer", "minimum": 0},
             "drainingTo": {"type": "integer", "minimum": 0},
         },
-        required=["name", "node", "limit"],
+        required=["node", "limit"],  # no name: the name limitNameTemplate gives the node
     )
     worker = _object(
         WorkerNode,
         {"node": _string(minLength=1), "limit": _string(minLength=1)},
         required=["node"],
     )
-    return _object(
+    status = _object(
         GPULimitPolicyStatus,
         {
             "conditions": {
@@ -336,8 +336,9 @@ def _status_schema() -> Schema:
             "limits": {
                 "type": "array",
                 "items": entry,
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["name"],
+                # Not a map keyed by name: names may be left out (limitNameTemplate), and a node
+                # may appear twice while a renamed limit is replaced.
+                "x-kubernetes-list-type": "atomic",
             },
             "workers": {
                 "type": "array",
@@ -347,6 +348,14 @@ def _status_schema() -> Schema:
             },
         },
     )
+    # A wire-format field of the ledger, not of the model (see GPULimitPolicyStatus).
+    status["properties"]["limitNameTemplate"] = {
+        "description": "How the ledger names its limits: an entry of limits without a name is "
+        "named by this template, {node} replaced by the entry's node. Names that follow it are "
+        "left out, which about halves the ledger of a large cluster.",
+        **_string(minLength=1),
+    }
+    return status
 
 
 def build_crd() -> Schema:

@@ -7,13 +7,27 @@ the CRD's OpenAPI schema, and tests keep the two field sets identical.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Literal, NamedTuple
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
-from prefect_gpu_operator.api.limit_names import DEFAULT_LIMIT_NAME_TEMPLATE, template_problems
+from prefect_gpu_operator.api.limit_names import (
+    DEFAULT_LIMIT_NAME_TEMPLATE,
+    limit_name,
+    template_of,
+    template_problems,
+)
 
 __all__ = [
     "DEFAULT_RESOURCES",
@@ -463,3 +477,49 @@ class GPULimitPolicyStatus(_KubeModel):
         description="Nodes where scheduled Prefect pods carry WORKER_ID, each with this policy's "
         "limit for it, if any.",
     )
+
+    # The ledger grows with every node, in one object that etcd caps at 1.5 MiB: on the wire an
+    # entry whose name follows the ledger's template leaves its name out (``limitNameTemplate``,
+    # the template most names follow), which about halves it. In Python every entry has its name.
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_template(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or "limitNameTemplate" not in data:
+            return data
+        template = data["limitNameTemplate"]
+        entries = data.get("limits")
+        if not isinstance(template, str) or not isinstance(entries, Sequence):
+            return data
+        return {**data, "limits": [_named(entry, template) for entry in entries]}
+
+    @model_serializer(mode="wrap")
+    def _compact_ledger(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        template = _ledger_template(self.limits)
+        if info.by_alias and template is not None:
+            body["limitNameTemplate"] = template
+            body["limits"] = [_unnamed(entry, template) for entry in body["limits"]]
+        return body
+
+
+def _ledger_template(entries: Sequence[LimitEntry]) -> str | None:
+    """The template most of the ledger's names follow (the first in name order on a tie)."""
+    templates = Counter(
+        template for entry in entries if (template := template_of(entry.name, entry.node))
+    )
+    return min(templates, key=lambda t: (-templates[t], t)) if templates else None
+
+
+def _named(entry: Any, template: str) -> Any:
+    if isinstance(entry, Mapping) and "name" not in entry and isinstance(entry.get("node"), str):
+        return {**entry, "name": limit_name(template, entry["node"])}
+    return entry
+
+
+def _unnamed(entry: dict[str, Any], template: str) -> dict[str, Any]:
+    if entry.get("name") == limit_name(template, entry["node"]):
+        return {key: value for key, value in entry.items() if key != "name"}
+    return entry
