@@ -25,7 +25,7 @@ import contextvars
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient
@@ -264,12 +264,12 @@ class _Claim:
         if record is not None and self._adoptable(record):
             left = record.expires - time.time()
             if left > _ADOPT_MARGIN:
-                return record
+                return _publish(self.config, self.prefect, slot, record)
             expires = _gcl.renew(self.prefect, record.lease_id, lease_seconds) if left > 0 else None
             if expires is not None:
-                record = LeaseRecord(record.lease_id, record.limit_id, expires)
+                record = replace(record, expires=expires)
                 slot.write(record)
-                return record
+                return _publish(self.config, self.prefect, slot, record)
         elif record is not None:
             _gcl.release(self.prefect, record.lease_id)  # on an older incarnation of the limit
         slot.write(None)
@@ -279,6 +279,7 @@ class _Claim:
         except _gcl.LimitMissing:
             raise _missing_limit(self.config) from None
         slot.write(record)
+        record = _publish(self.config, self.prefect, slot, record)
         try:
             self._learn(record.limit_id, limit, asked_at)  # the server's answer is a reading too
         except BaseException:
@@ -286,6 +287,27 @@ class _Claim:
             keeper.park(slot, record.lease_id, self.prefect, delay=PARK_RETRY)
             raise
         return record
+
+
+def _publish(
+    config: SlotConfig, prefect: SyncPrefectClient, slot: SlotFile, record: LeaseRecord
+) -> LeaseRecord:
+    """The slot's lease, published under this pod for the operator (see ``_gcl.register``) unless
+    it is already, or no pod is known; called while holding the slot, which orders the writes.
+
+    A lease adopted from another pod (one lock directory shared by pods of a node) moves to this
+    pod's name, so that the other pod's death cannot revoke it.
+    """
+    if config.pod_uid is None or record.pod == config.pod_uid:
+        return record
+    name = _gcl.lease_variable(config.pod_uid, slot.index)
+    if not _gcl.register(prefect, name, record.lease_id, config.limit_name):
+        return record  # tried again by the next claimant that adopts it
+    if record.pod is not None:
+        _gcl.forget(prefect, _gcl.lease_variable(record.pod, slot.index))
+    record = replace(record, pod=config.pod_uid)
+    slot.write(record)
+    return record
 
 
 def _missing_limit(config: SlotConfig) -> GpuLimitNotFoundError:
@@ -408,6 +430,7 @@ def _lease_unread(config: SlotConfig, prefect: SyncPrefectClient) -> LimitReadin
             _gcl.release(prefect, record.lease_id)
             raise
         slot.write(record)
+        _publish(config, prefect, slot, record)
         keeper.park(slot, record.lease_id, prefect, delay=PARK_RETRY)  # unless adopted
         return LimitReading(config.limit_name, record.limit_id, limit, asked_at)
     finally:

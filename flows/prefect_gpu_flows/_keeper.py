@@ -8,7 +8,7 @@ import atexit
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from uuid import UUID
 
@@ -139,7 +139,7 @@ class _Keeper:
                     held.record = None
                     held.slot.write(None)
                 else:
-                    held.record = LeaseRecord(lease_id, held.record.limit_id, expires)
+                    held.record = replace(held.record, expires=expires)
                     held.slot.write(held.record)
 
     def _release_left(self, *, force: bool) -> None:

@@ -68,7 +68,8 @@ def test_config_defaults_follow_prefect_per_worker_example(
     config = SlotConfig.from_env()
     assert config.limit_name == "gpu:gpu-1"
     assert config.lock_dir == Path("/tmp/prefect-gpu-locks/gpu-1")
-    assert config.lease_seconds == 60
+    assert config.lease_seconds == 600  # renewed half-way: 0.2 requests per minute per slot
+    assert config.pod_uid is None  # no pod known: leases are not published
     # No device list on this machine (no NVIDIA runtime, no NVML): slots number the devices.
     assert [config.device_of(slot) for slot in range(3)] == ["0", "1", "2"]
     config.check_limit(100)  # nothing to check it against
@@ -81,7 +82,9 @@ def test_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-a1,GPU-b2")
     monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "2")  # time-sliced: 2 GPUs, 2 slots each
     monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "120")
+    monkeypatch.setenv("PREFECT_GPU_POD_UID", " 5C1D2E3F-0000-4000-8000-00000000AB12 ")
     config = SlotConfig.from_env()
+    assert config.pod_uid == "5c1d2e3f-0000-4000-8000-00000000ab12"  # a variable name's case
     assert config.limit_name == "node-a.example.com-gpu"  # a policy's limitNameTemplate
     assert config.lock_dir == tmp_path / "node-a.example.com"
     assert config.lease_seconds == 120
@@ -171,8 +174,14 @@ def test_slot_record_round_trip_and_torn_records(tmp_path: Path) -> None:
     record = LeaseRecord(uuid4(), uuid4(), time.time() + 60)
     slot.write(record)
     assert slot.read() == record
+    published = LeaseRecord(uuid4(), uuid4(), time.time() + 60, pod="5c1d2e3f")
+    slot.write(published)
+    assert slot.read() == published
     slot.write(LeaseRecord(uuid4(), uuid4(), 1.0))  # a shorter record replaces it entirely
-    assert slot.read() != record
+    shorter = slot.read()
+    assert shorter is not None
+    assert shorter != record
+    assert shorter.pod is None
     slot.write(None)
     assert slot.read() is None
     slot.path.write_text('{"lease_id": "not-a-uuid"')
