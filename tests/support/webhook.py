@@ -13,7 +13,14 @@ from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_sandbox.webhook import WebhookEndpoint
 
-__all__ = ["POD_UID_VAR", "WORKER_ID_VAR", "Pods", "WebhookEndpoint", "made_tls_files", "worker_ids"]
+__all__ = [
+    "POD_UID_VAR",
+    "WORKER_ID_VAR",
+    "Pods",
+    "WebhookEndpoint",
+    "made_tls_files",
+    "worker_ids",
+]
 
 WORKER_ID_VAR = {
     "name": "WORKER_ID",
