@@ -37,7 +37,7 @@ from prefect_gpu_flows._config import (
     SlotConfig,
     logger,
 )
-from prefect_gpu_flows._keeper import PARK_RETRY, keeper
+from prefect_gpu_flows._keeper import PARK_RETRY, Publication, keeper
 from prefect_gpu_flows._locks import (
     Cancelled,
     Doorbell,
@@ -255,7 +255,8 @@ class _Claim:
                 keeper.park(slot, record.lease_id, self.prefect, delay=PARK_RETRY)
             raise
         for slot, record in zip(chosen, holding.records, strict=True):
-            keeper.hold(slot, record, self.config.lease_seconds, self.prefect)
+            publication = _publication(self.config, record)
+            keeper.hold(slot, record, self.config.lease_seconds, self.prefect, publication)
         return holding
 
     def _lease_for(self, slot: SlotFile, record: LeaseRecord | None) -> LeaseRecord:
@@ -264,12 +265,12 @@ class _Claim:
         if record is not None and self._adoptable(record):
             left = record.expires - time.time()
             if left > _ADOPT_MARGIN:
-                return _publish(self.config, self.prefect, slot, record)
+                return record
             expires = _gcl.renew(self.prefect, record.lease_id, lease_seconds) if left > 0 else None
             if expires is not None:
                 record = replace(record, expires=expires)
                 slot.write(record)
-                return _publish(self.config, self.prefect, slot, record)
+                return record
         elif record is not None:
             _gcl.release(self.prefect, record.lease_id)  # on an older incarnation of the limit
         slot.write(None)
@@ -279,7 +280,6 @@ class _Claim:
         except _gcl.LimitMissing:
             raise _missing_limit(self.config) from None
         slot.write(record)
-        record = _publish(self.config, self.prefect, slot, record)
         try:
             self._learn(record.limit_id, limit, asked_at)  # the server's answer is a reading too
         except BaseException:
@@ -289,25 +289,13 @@ class _Claim:
         return record
 
 
-def _publish(
-    config: SlotConfig, prefect: SyncPrefectClient, slot: SlotFile, record: LeaseRecord
-) -> LeaseRecord:
-    """The slot's lease, published under this pod for the operator (see ``_gcl.register``) unless
-    it is already, or no pod is known; called while holding the slot, which orders the writes.
-
-    A lease adopted from another pod (one lock directory shared by pods of a node) moves to this
-    pod's name, so that the other pod's death cannot revoke it.
-    """
+def _publication(config: SlotConfig, record: LeaseRecord) -> Publication | None:
+    """Where the keeper is to publish the slot's lease for the operator, unless it is already (or
+    no pod is known). A lease adopted from another pod (one lock directory shared by pods of a
+    node) moves to this pod's name, so that the other pod's death cannot revoke it."""
     if config.pod_uid is None or record.pod == config.pod_uid:
-        return record
-    name = _gcl.lease_variable(config.pod_uid, slot.index)
-    if not _gcl.register(prefect, name, record.lease_id, config.limit_name):
-        return record  # tried again by the next claimant that adopts it
-    if record.pod is not None:
-        _gcl.forget(prefect, _gcl.lease_variable(record.pod, slot.index))
-    record = replace(record, pod=config.pod_uid)
-    slot.write(record)
-    return record
+        return None
+    return Publication(config.pod_uid, config.limit_name, record.pod)
 
 
 def _missing_limit(config: SlotConfig) -> GpuLimitNotFoundError:
@@ -430,7 +418,6 @@ def _lease_unread(config: SlotConfig, prefect: SyncPrefectClient) -> LimitReadin
             _gcl.release(prefect, record.lease_id)
             raise
         slot.write(record)
-        _publish(config, prefect, slot, record)
         keeper.park(slot, record.lease_id, prefect, delay=PARK_RETRY)  # unless adopted
         return LimitReading(config.limit_name, record.limit_id, limit, asked_at)
     finally:

@@ -9,7 +9,8 @@ Each lease names its holder as far as Prefect lets it (a flow or task run: Prefe
 holder is only a run's type and id, and it offers no way to list a limit's leases). So that the
 operator can revoke the leases of a pod that died, the lease of each of a pod's slots is also
 published as a Prefect variable, ``prefect-gpu-lease_<pod uid>_<slot>`` (``register``): one
-request when a slot takes a new lease, none while leases are handed over or renewed.
+request by the keeper thread, off the block's way in, when a slot takes a new lease; none while
+leases are handed over within the pod or renewed.
 """
 
 from __future__ import annotations

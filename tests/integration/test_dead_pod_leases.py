@@ -51,8 +51,9 @@ def pods(kube_api: client.ApiClient) -> Iterator[Pods]:
 class Holders:
     """gpu_slot() processes standing in for the flow runs of pods; killed at the end."""
 
-    def __init__(self, api_url: str, tmp_path: Path) -> None:
+    def __init__(self, api_url: str, tmp_path: Path, scene: Scene) -> None:
         self.api_url = api_url
+        self.scene = scene
         self.tmp_path = tmp_path
         self.started: list[subprocess.Popen[bytes]] = []
 
@@ -86,6 +87,9 @@ class Holders:
             what=f"{name} holds a slot",
             alive=lambda: holder.poll() is None,
         )
+        # Its keeper publishes the lease just after the block starts (a holder killed sooner
+        # leaves its slot to the lease's expiry).
+        eventually(lambda: _lease_variables(self.scene, pod) != [], timeout=10, what="published")
         return holder, events
 
     def stop(self) -> None:
@@ -100,8 +104,8 @@ def _entered(events: Path) -> bool:
 
 
 @pytest.fixture
-def holders(prefect_api_url: str, tmp_path: Path) -> Iterator[Holders]:
-    started = Holders(prefect_api_url, tmp_path)
+def holders(scene: Scene, tmp_path: Path) -> Iterator[Holders]:
+    started = Holders(scene.api_url, tmp_path, scene)
     yield started
     started.stop()
 
