@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import cast
 from uuid import uuid4
 
 import httpx
 import pytest
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 from prefect_gpu_flows import (
@@ -18,6 +20,7 @@ from prefect_gpu_flows import (
     MissingWorkerIdError,
     SlotConfig,
     _gcl,
+    _keeper,
     get_worker_id,
 )
 from prefect_gpu_flows._locks import (
@@ -302,3 +305,84 @@ def test_an_unreachable_server_keeps_the_lease_for_later() -> None:
 def test_release_raises_other_errors() -> None:
     with pytest.raises(httpx.HTTPStatusError):
         _gcl.release(_RefusingClient(401), uuid4())  # type: ignore[arg-type]
+
+
+class _Publishing:
+    """``_gcl.register`` and ``_gcl.release`` without a server: each publication blocks until
+    ``finish`` is set, and every call is recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = threading.Event()
+        self.finish = threading.Event()
+        self.published: list[str] = []
+        monkeypatch.setattr(_gcl, "register", self.register)
+        monkeypatch.setattr(_gcl, "release", lambda prefect, lease_id: True)
+
+    def register(self, prefect: object, name: str, lease_id: object, limit_name: str) -> bool:
+        self.started.set()
+        assert self.finish.wait(5)
+        self.published.append(name)
+        return True
+
+
+def _held_slot(tmp_path: Path) -> tuple[SlotFile, LeaseRecord]:
+    slot = SlotFile(tmp_path, 0)
+    assert slot.try_lock()
+    record = LeaseRecord(uuid4(), uuid4(), time.time() + 600)
+    slot.write(record)
+    return slot, record
+
+
+def test_a_leaving_holder_waits_for_its_leases_publication_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise a publication landing after the slot's next lease was published would name the
+    older lease, and the pod's death would not free the slot."""
+    publishing = _Publishing(monkeypatch)
+    keeper = _keeper._Keeper()
+    slot, record = _held_slot(tmp_path)
+    prefect = cast(SyncPrefectClient, object())
+    keeper.hold(slot, record, 600, prefect, _keeper.Publication("pod-a", "gpu:n", None))
+    assert publishing.started.wait(5)
+    leaving = threading.Thread(target=keeper.leave, args=(slot, record.lease_id))
+    leaving.start()
+    leaving.join(0.2)
+    assert leaving.is_alive()  # waits while the publication is in flight
+    assert slot.fd is not None
+    publishing.finish.set()
+    leaving.join(5)
+    assert not leaving.is_alive()
+    assert publishing.published == [_gcl.lease_variable("pod-a", 0)]
+
+
+def test_a_block_shorter_than_the_publish_delay_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publishing = _Publishing(monkeypatch)
+    publishing.finish.set()
+    keeper = _keeper._Keeper()
+    slot, record = _held_slot(tmp_path)
+    prefect = cast(SyncPrefectClient, object())
+    publication = _keeper.Publication("pod-a", "gpu:n", None)
+    keeper.hold(slot, record, 600, prefect, publication)
+    keeper.leave(slot, record.lease_id)  # at once: its lease goes to the next claimant, if any
+    time.sleep(_keeper.PUBLISH_DELAY * 3)
+    assert publication.state == "dropped"
+    assert publishing.published == []
+
+
+def test_a_published_lease_names_its_pod_on_the_slot_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publishing = _Publishing(monkeypatch)
+    publishing.finish.set()
+    keeper = _keeper._Keeper()
+    slot, record = _held_slot(tmp_path)
+    prefect = cast(SyncPrefectClient, object())
+    publication = _keeper.Publication("pod-a", "gpu:n", None)
+    keeper.hold(slot, record, 600, prefect, publication)
+    deadline = time.monotonic() + 5
+    while publication.state != "done" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slot.read() == LeaseRecord(record.lease_id, record.limit_id, record.expires, "pod-a")
+    keeper.leave(slot, record.lease_id)
