@@ -720,3 +720,47 @@ def test_each_slots_lease_is_published_under_its_pod_and_moves_with_an_adoption(
     with gpu_slot(timeout_seconds=5):  # a new lease on the same slot replaces the record
         eventually(lambda: _published(node.prefect, second, 0) not in (None, lease), timeout=5)
     node.prefect.delete_variable_by_name(_gcl.lease_variable(second, 0))
+
+
+def test_a_block_in_a_flow_or_task_run_names_the_run_as_its_leases_holder(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect's lease holder can name a run only (type and id); the server accepts ours."""
+    from prefect import flow, runtime, task
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+    node.create_limit(1)
+    sent: list[ConcurrencyLeaseHolder | None] = []
+    real = _gcl._holder
+
+    def spied() -> ConcurrencyLeaseHolder | None:
+        sent.append(real())
+        return sent[-1]
+
+    monkeypatch.setattr(_gcl, "_holder", spied)
+    runs: list[str] = []
+
+    @task
+    def step() -> None:
+        runs.append(str(runtime.task_run.id))
+        with gpu_slot(timeout_seconds=10):
+            pass
+
+    @flow
+    def pipeline() -> None:
+        runs.append(str(runtime.flow_run.id))
+        with gpu_slot(timeout_seconds=10):
+            pass
+        eventually(lambda: node.active_slots() == 0, timeout=10)  # a fresh lease for the task
+        step()
+
+    pipeline()
+    assert [(holder.type, str(holder.id)) for holder in sent if holder is not None] == [
+        ("flow_run", runs[0]),
+        ("task_run", runs[1]),
+    ]
+    eventually(lambda: node.active_slots() == 0, timeout=10)  # nothing left to adopt
+    with gpu_slot(timeout_seconds=10):
+        pass
+    assert len(sent) == 3
+    assert sent[-1] is None  # outside any run: no holder
