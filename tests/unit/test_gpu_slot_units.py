@@ -325,6 +325,15 @@ class _Publishing:
         return True
 
 
+def _settled(keeper: _keeper._Keeper) -> None:
+    """Wait until the keeper released the leases left to it (through the fakes, while they are
+    still in place)."""
+    deadline = time.monotonic() + 5
+    while keeper._left and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not keeper._left
+
+
 def _held_slot(tmp_path: Path) -> tuple[SlotFile, LeaseRecord]:
     slot = SlotFile(tmp_path, 0)
     assert slot.try_lock()
@@ -353,6 +362,7 @@ def test_a_leaving_holder_waits_for_its_leases_publication_in_flight(
     leaving.join(5)
     assert not leaving.is_alive()
     assert publishing.published == [_gcl.lease_variable("pod-a", 0)]
+    _settled(keeper)
 
 
 def test_a_block_shorter_than_the_publish_delay_publishes_nothing(
@@ -369,6 +379,7 @@ def test_a_block_shorter_than_the_publish_delay_publishes_nothing(
     time.sleep(_keeper.PUBLISH_DELAY * 3)
     assert publication.state == "dropped"
     assert publishing.published == []
+    _settled(keeper)
 
 
 def test_a_published_lease_names_its_pod_on_the_slot_file(
@@ -386,3 +397,4 @@ def test_a_published_lease_names_its_pod_on_the_slot_file(
         time.sleep(0.01)
     assert slot.read() == LeaseRecord(record.lease_id, record.limit_id, record.expires, "pod-a")
     keeper.leave(slot, record.lease_id)
+    _settled(keeper)
