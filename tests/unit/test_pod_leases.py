@@ -57,6 +57,12 @@ def test_only_the_pods_own_well_formed_leases_are_read() -> None:
     ]
 
 
+def _seen(reaper: LeaseReaper, *bodies: dict[str, Any]) -> None:
+    """The watch reported these pods running."""
+    for body in bodies:
+        assert reaper.observe(body, deleted=False) is None
+
+
 async def _reap(world: World, body: dict[str, Any], deleted: bool) -> int | None:
     task = world.controller.reaper.observe(body, deleted)
     return None if task is None else await asyncio.wait_for(task, timeout=5)
@@ -106,9 +112,25 @@ def test_a_failed_pod_is_reaped_once_and_not_again_at_its_deletion() -> None:
     asyncio.run(scenario(World()))
 
 
+def test_a_pod_first_seen_dead_costs_no_request() -> None:
+    """The listing at start-up reports finished flow-run pods by the hundred: they died while
+    the operator was away, and their leases expire on their own."""
+
+    async def scenario(world: World) -> None:
+        await world.synced(4)
+        world.prefect.lease("gpu:a", POD, 0)
+        before = world.prefect.calls.total()
+        assert await _reap(world, pod(phase="Succeeded"), deleted=False) is None
+        assert await _reap(world, pod(phase="Succeeded"), deleted=True) is None
+        assert world.prefect.calls.total() == before
+
+    asyncio.run(scenario(World()))
+
+
 def test_a_pod_on_a_node_without_an_owned_limit_costs_no_request() -> None:
     async def scenario(world: World) -> None:
         await world.synced(4)
+        _seen(world.controller.reaper, pod(node="cpu-node"))
         before = world.prefect.calls.total()
         assert await _reap(world, pod(node="cpu-node"), deleted=True) == 0
         assert world.prefect.calls.total() == before
@@ -122,6 +144,7 @@ def test_revocation_is_retried_while_prefect_is_down() -> None:
         world.prefect.lease("gpu:a", POD, 0)
         controller = world.controller
         reaper = LeaseReaper(controller.policies, controller.prefect, controller.fence, (0.05,) * 3)
+        _seen(reaper, pod())
         world.prefect.down = True
         task = reaper.observe(pod(), deleted=True)
         assert task is not None
@@ -141,6 +164,7 @@ def test_after_the_last_retry_the_leases_are_left_and_a_deletion_tries_again() -
         world.prefect.lease("gpu:a", POD, 0)
         controller = world.controller
         reaper = LeaseReaper(controller.policies, controller.prefect, controller.fence, (0.01,))
+        _seen(reaper, pod())
         world.prefect.down = True
         failed = reaper.observe(pod(phase="Failed"), deleted=False)
         assert failed is not None
@@ -160,6 +184,7 @@ def test_a_fenced_replica_revokes_nothing() -> None:
         await world.synced(4)
         world.prefect.lease("gpu:a", POD, 0)
         world.controller.fence.identity = "replica-1"  # its peering record never renewed
+        _seen(world.controller.reaper, pod())
         assert await _reap(world, pod(), deleted=True) == 0
         assert world.prefect.limits["gpu:a"].active_slots == 1
         assert world.prefect.calls["revoke-lease"] == 0

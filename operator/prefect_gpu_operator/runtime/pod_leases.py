@@ -4,8 +4,10 @@ seconds instead of when the leases expire (gpu_slot's default lease is 10 minute
 The pod watch reports a Prefect pod deleted or finished; its node's limit belongs to a policy,
 whose Prefect server holds the leases gpu_slot() published for the pod's slots
 (``domain/pod_leases``). Each is revoked as its holder would release it, then its record is
-deleted. A holder killed inside a live pod is not this module's business: the next claimant on
-the node adopts its lease at once.
+deleted. Only a pod the watch saw alive is reaped, once: one first seen dead (finished flow-run
+pods in the listing at start-up) died while the operator was away, and its leases expire on their
+own. A holder killed inside a live pod is not this module's business: the next claimant on the
+node adopts its lease at once.
 """
 
 from __future__ import annotations
@@ -46,22 +48,24 @@ class LeaseReaper:
         self._fence = fence
         self._retry_seconds = retry_seconds
         self._tasks: set[asyncio.Task[int]] = set()
-        # Pods finished and reaped (or being reaped): their deletion later needs nothing more.
-        self._finished: set[str] = set()
+        # Pods seen scheduled and not yet dead: only their death is worth requests. A pod first
+        # seen dead (the listing at start-up, with many finished flow-run pods) died while this
+        # operator was away; its leases expire on their own.
+        self._alive: set[str] = set()
 
     def observe(self, body: Mapping[str, Any], deleted: bool) -> asyncio.Task[int] | None:
-        """Start revoking the pod's leases if it just died; the task (its result: how many
-        leases were revoked), or None when there is nothing to do."""
+        """Start revoking the pod's leases if it was seen alive and just died; the task (its
+        result: how many leases were revoked), or None when there is nothing to do."""
         pod = dead_pod(body, deleted)
         if pod is None:
+            uid = (body.get("metadata") or {}).get("uid")
+            if uid and (body.get("spec") or {}).get("nodeName") and not deleted:
+                self._alive.add(str(uid).lower())
             return None
-        if pod.uid in self._finished:
-            if deleted:
-                self._finished.discard(pod.uid)
-            return None
-        if not deleted:
-            self._finished.add(pod.uid)
-        task = asyncio.get_running_loop().create_task(self._reap(pod))
+        if pod.uid not in self._alive:
+            return None  # reaped already (finished, then deleted), or never seen alive
+        self._alive.discard(pod.uid)
+        task = asyncio.get_running_loop().create_task(self._reap(pod, deleted))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -71,7 +75,7 @@ class LeaseReaper:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _reap(self, pod: DeadPod) -> int:
+    async def _reap(self, pod: DeadPod, deleted: bool) -> int:
         for delay in (*self._retry_seconds, None):
             try:
                 return await self._revoke(pod)
@@ -89,7 +93,8 @@ class LeaseReaper:
                     pod.reference,
                     error,
                 )
-            self._finished.discard(pod.uid)  # its deletion, if still to come, tries again
+            if not deleted:
+                self._alive.add(pod.uid)  # its deletion, still to come, tries again
             return 0
         return 0  # not reached: the last delay is None
 
