@@ -177,6 +177,8 @@ class _Keeper:
                 if published and publication.previous is not None:
                     previous = _gcl.lease_variable(publication.previous, held.slot.index)
                     _gcl.forget(held.prefect, previous)
+            except Exception as error:  # one failure must not leave the others running
+                logger().warning("gpu_slot could not publish lease %s: %s", lease_id, error)
             finally:
                 with self._lock:
                     publication.state = "done"
