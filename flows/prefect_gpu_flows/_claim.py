@@ -25,7 +25,7 @@ import contextvars
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient
@@ -37,7 +37,7 @@ from prefect_gpu_flows._config import (
     SlotConfig,
     logger,
 )
-from prefect_gpu_flows._keeper import PARK_RETRY, keeper
+from prefect_gpu_flows._keeper import PARK_RETRY, Publication, keeper
 from prefect_gpu_flows._locks import (
     Cancelled,
     Doorbell,
@@ -255,7 +255,8 @@ class _Claim:
                 keeper.park(slot, record.lease_id, self.prefect, delay=PARK_RETRY)
             raise
         for slot, record in zip(chosen, holding.records, strict=True):
-            keeper.hold(slot, record, self.config.lease_seconds, self.prefect)
+            publication = _publication(self.config, record)
+            keeper.hold(slot, record, self.config.lease_seconds, self.prefect, publication)
         return holding
 
     def _lease_for(self, slot: SlotFile, record: LeaseRecord | None) -> LeaseRecord:
@@ -267,7 +268,7 @@ class _Claim:
                 return record
             expires = _gcl.renew(self.prefect, record.lease_id, lease_seconds) if left > 0 else None
             if expires is not None:
-                record = LeaseRecord(record.lease_id, record.limit_id, expires)
+                record = replace(record, expires=expires)
                 slot.write(record)
                 return record
         elif record is not None:
@@ -286,6 +287,15 @@ class _Claim:
             keeper.park(slot, record.lease_id, self.prefect, delay=PARK_RETRY)
             raise
         return record
+
+
+def _publication(config: SlotConfig, record: LeaseRecord) -> Publication | None:
+    """Where the keeper is to publish the slot's lease for the operator, unless it is already (or
+    no pod is known). A lease adopted from another pod (one lock directory shared by pods of a
+    node) moves to this pod's name, so that the other pod's death cannot revoke it."""
+    if config.pod_uid is None or record.pod == config.pod_uid:
+        return None
+    return Publication(config.pod_uid, config.limit_name, record.pod)
 
 
 def _missing_limit(config: SlotConfig) -> GpuLimitNotFoundError:

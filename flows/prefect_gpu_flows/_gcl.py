@@ -4,6 +4,13 @@ One long-lived ``SyncPrefectClient`` per process keeps its HTTP connection open:
 acquire (what ``prefect.concurrency`` does) costs several requests and tens of milliseconds. Slots
 are taken one per lease (``slots=1``) so that each GPU slot's lease can be handed from holder to
 holder on the node without a server round trip.
+
+Each lease names its holder as far as Prefect lets it (a flow or task run: Prefect 3.9's lease
+holder is only a run's type and id, and it offers no way to list a limit's leases). So that the
+operator can revoke the leases of a pod that died, the lease of each of a pod's slots is also
+published as a Prefect variable, ``prefect-gpu-lease_<pod uid>_<slot>`` (``register``): one
+request by the keeper thread, off the block's way in, when a slot takes a new lease; none while
+leases are handed over within the pod or renewed.
 """
 
 from __future__ import annotations
@@ -18,22 +25,34 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, Settings
 
+from prefect_gpu_flows._config import logger
 from prefect_gpu_flows._locks import LeaseRecord
 
 __all__ = [
+    "LEASE_VARIABLE_PREFIX",
+    "LEASE_VARIABLE_TAG",
     "LimitMissing",
     "SlotRefused",
     "acquire",
     "client",
+    "forget",
+    "lease_variable",
     "read_limit",
+    "register",
     "release",
     "renew",
 ]
+
+LEASE_VARIABLE_PREFIX = "prefect-gpu-lease_"
+"""Variables ``<prefix><pod uid>_<slot>`` hold the lease of a pod's slot; the operator reads the
+same names (``prefect_gpu_operator.domain.pod_leases``)."""
+LEASE_VARIABLE_TAG = "prefect-gpu-lease"
 
 
 class LimitMissing(Exception):
@@ -109,7 +128,11 @@ def acquire(prefect: SyncPrefectClient, name: str, lease_seconds: float) -> tupl
     expires = time.time() + lease_seconds  # taken before the call: errs on the early side
     try:
         response = prefect.increment_concurrency_slots_with_lease(
-            names=[name], slots=1, mode="concurrency", lease_duration=lease_seconds
+            names=[name],
+            slots=1,
+            mode="concurrency",
+            lease_duration=lease_seconds,
+            holder=_holder(),
         )
     except httpx.HTTPStatusError as error:
         status = error.response.status_code
@@ -125,6 +148,69 @@ def acquire(prefect: SyncPrefectClient, name: str, lease_seconds: float) -> tupl
         raise LimitMissing(name)
     limit = granted.limits[0]
     return LeaseRecord(granted.lease_id, limit.id, expires), limit.limit
+
+
+def _holder() -> ConcurrencyLeaseHolder | None:
+    """The task or flow run this block runs in, if any: what Prefect lets a lease name."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    task = TaskRunContext.get()
+    if task is not None:
+        return ConcurrencyLeaseHolder(type="task_run", id=task.task_run.id)
+    flow = FlowRunContext.get()
+    if flow is not None and flow.flow_run is not None:
+        return ConcurrencyLeaseHolder(type="flow_run", id=flow.flow_run.id)
+    return None
+
+
+def lease_variable(pod_uid: str, slot: int) -> str:
+    return f"{LEASE_VARIABLE_PREFIX}{pod_uid}_{slot}"
+
+
+def register(prefect: SyncPrefectClient, name: str, lease_id: UUID, limit_name: str) -> bool:
+    """Publish ``lease_id`` as the lease of the pod's slot that variable ``name`` stands for,
+    replacing the slot's earlier one (released or handed over: revoking it is a no-op). False,
+    with a warning, if it could not be written: the slot then comes back only when its lease
+    expires, should the pod die. Without the client's retries: a 503 backoff of seconds would
+    delay the block, for a record only a dead pod needs."""
+    value = {"lease_id": str(lease_id), "limit": limit_name}
+    named = {"name": name}
+    try:
+        with _without_retries():
+            try:
+                prefect.request(
+                    "PATCH", "/variables/name/{name}", path_params=named, json={"value": value}
+                )
+            except httpx.HTTPStatusError as error:
+                if error.response.status_code != 404:
+                    raise
+                created = {"name": name, "value": value, "tags": [LEASE_VARIABLE_TAG]}
+                try:
+                    prefect.request("POST", "/variables/", json=created)
+                except httpx.HTTPStatusError as again:
+                    if again.response.status_code != 409:  # 409: created meanwhile; write it
+                        raise
+                    prefect.request(
+                        "PATCH", "/variables/name/{name}", path_params=named, json={"value": value}
+                    )
+    except httpx.HTTPError as error:
+        logger().warning(
+            "gpu_slot could not publish lease %s for the operator (%s): should this pod die, "
+            "its slot comes back only when the lease expires",
+            lease_id,
+            error,
+        )
+        return False
+    return True
+
+
+def forget(prefect: SyncPrefectClient, name: str) -> None:
+    """Delete a published lease variable (another pod's, whose lease this pod adopted)."""
+    try:
+        with _without_retries():
+            prefect.request("DELETE", "/variables/name/{name}", path_params={"name": name})
+    except httpx.HTTPError:
+        pass  # gone already, or left for the operator to clean up with that pod
 
 
 def renew(prefect: SyncPrefectClient, lease_id: UUID, lease_seconds: float) -> float | None:

@@ -1,6 +1,6 @@
-"""The per-process lease keeper: renews the leases this process holds and releases the ones it
-left on a slot file when no queued claimant adopts them. One daemon thread per process; its server
-calls stay off the holders' enter and exit paths."""
+"""The per-process lease keeper: publishes the leases this process holds under its pod, renews
+them, and releases the ones it left on a slot file when no queued claimant adopts them. One daemon
+thread per process; its server calls stay off the holders' enter and exit paths."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import atexit
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from uuid import UUID
 
@@ -18,12 +18,29 @@ from prefect_gpu_flows import _gcl
 from prefect_gpu_flows._config import logger
 from prefect_gpu_flows._locks import LeaseRecord, SlotFile, lock_wait, ring, try_lock, unlock
 
-__all__ = ["PARK_RETRY", "PARK_SETTLE", "keeper"]
+__all__ = ["PARK_RETRY", "PARK_SETTLE", "PUBLISH_DELAY", "PUBLISH_WAIT", "Publication", "keeper"]
 
 PARK_SETTLE = 0.05
 """Delay before a left lease is released on the server: lets the next queued claimant adopt it."""
 PARK_RETRY = 1.0
 """Delay between further attempts to release a left lease while claimants queue."""
+PUBLISH_DELAY = 0.05
+"""A held lease is published this long after the block starts: not competing with its first
+moments for the interpreter, and not at all for blocks shorter than that."""
+PUBLISH_WAIT = 2.0
+"""How long a leaving holder waits for its lease's publication in flight (a block shorter than a
+request), so that a later lease of the slot is never overwritten by it; beyond, it goes on."""
+
+
+@dataclass
+class Publication:
+    """Where a held lease is to be published for the operator (see ``_gcl.register``)."""
+
+    pod: str
+    limit_name: str
+    previous: str | None  # the pod it was published under, if another one
+    state: str = "pending"  # then "running", and "done" (or "dropped" if the holder left first)
+    due: float = 0.0  # monotonic; set when held
 
 
 @dataclass
@@ -32,6 +49,7 @@ class _Held:
     record: LeaseRecord | None  # None once the server lost it
     lease_seconds: float
     prefect: SyncPrefectClient  # the server that granted it
+    publication: Publication | None = None
 
 
 @dataclass
@@ -54,16 +72,25 @@ class _Keeper:
     def reset(self) -> None:
         """Start empty (also in a forked child: the parent's thread and leases are not ours)."""
         self._lock = threading.Lock()
+        self._published = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._held: dict[UUID, _Held] = {}
         self._left: dict[UUID, _Left] = {}
         self._thread: threading.Thread | None = None
 
     def hold(
-        self, slot: SlotFile, record: LeaseRecord, lease_seconds: float, prefect: SyncPrefectClient
+        self,
+        slot: SlotFile,
+        record: LeaseRecord,
+        lease_seconds: float,
+        prefect: SyncPrefectClient,
+        publication: Publication | None = None,
     ) -> None:
+        if publication is not None:
+            publication.due = time.monotonic() + PUBLISH_DELAY
         with self._lock:
-            self._held[record.lease_id] = _Held(slot, record, lease_seconds, prefect)
+            held = _Held(slot, record, lease_seconds, prefect, publication)
+            self._held[record.lease_id] = held
             self._left.pop(record.lease_id, None)
             self._start()
         self._wake.set()
@@ -71,6 +98,13 @@ class _Keeper:
     def leave(self, slot: SlotFile, lease_id: UUID) -> None:
         """Unlock a held slot, leaving its lease on file for the next claimant if still valid."""
         with self._lock:
+            publication = self._held[lease_id].publication
+            if publication is not None:
+                if publication.state == "pending":
+                    publication.state = "dropped"  # the next holder publishes it, if any
+                deadline = time.monotonic() + PUBLISH_WAIT
+                while publication.state == "running" and time.monotonic() < deadline:
+                    self._published.wait(timeout=deadline - time.monotonic())
             held = self._held.pop(lease_id)
             if held.record is None:
                 slot.write(None)  # the server dropped it: nobody may adopt it
@@ -99,6 +133,7 @@ class _Keeper:
             self._wake.wait(timeout=self._next_due())
             self._wake.clear()
             try:
+                self._publish_due()
                 self._renew_due()
                 self._release_left(force=False)
             except Exception as error:  # keep the thread alive through server outages
@@ -115,7 +150,43 @@ class _Keeper:
                 if h.record is not None
             ]
             dues += [left.due - now for left in self._left.values()]
+            dues += [publication.due - now for _, _, publication in self._unpublished()]
         return max(0.0, min(dues))
+
+    def _unpublished(self, by: float | None = None) -> list[tuple[UUID, _Held, Publication]]:
+        """Publications still to make (due by monotonic time ``by``, if given)."""
+        return [
+            (lease_id, held, held.publication)
+            for lease_id, held in self._held.items()
+            if held.publication is not None
+            and held.publication.state == "pending"
+            and (by is None or held.publication.due <= by)
+        ]
+
+    def _publish_due(self) -> None:
+        """Publish the leases taken since the last look; a holder leaving meanwhile waits."""
+        with self._lock:
+            due = self._unpublished(by=time.monotonic())
+            for _, _, publication in due:
+                publication.state = "running"
+        for lease_id, held, publication in due:
+            published = False
+            try:
+                name = _gcl.lease_variable(publication.pod, held.slot.index)
+                published = _gcl.register(held.prefect, name, lease_id, publication.limit_name)
+                if published and publication.previous is not None:
+                    previous = _gcl.lease_variable(publication.previous, held.slot.index)
+                    _gcl.forget(held.prefect, previous)
+            except Exception as error:  # one failure must not leave the others running
+                logger().warning("gpu_slot could not publish lease %s: %s", lease_id, error)
+            finally:
+                with self._lock:
+                    publication.state = "done"
+                    # Still held (the holder waits while it runs): the file says where it is.
+                    if published and held.record is not None and held.slot.fd is not None:
+                        held.record = replace(held.record, pod=publication.pod)
+                        held.slot.write(held.record)
+                    self._published.notify_all()
 
     def _renew_due(self) -> None:
         with self._lock:
@@ -139,7 +210,7 @@ class _Keeper:
                     held.record = None
                     held.slot.write(None)
                 else:
-                    held.record = LeaseRecord(lease_id, held.record.limit_id, expires)
+                    held.record = replace(held.record, expires=expires)
                     held.slot.write(held.record)
 
     def _release_left(self, *, force: bool) -> None:

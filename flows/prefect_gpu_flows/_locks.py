@@ -48,12 +48,14 @@ class LeaseRecord:
     """The Prefect lease (one GCL slot) attached to a slot file, and when it expires (epoch s).
 
     ``limit_id`` guards adoption: a lease on a limit that was deleted and re-created (a new id) no
-    longer counts against the limit in force.
+    longer counts against the limit in force. ``pod`` is the uid of the pod under which the lease
+    is published for the operator (``_gcl.register``), None while it is not.
     """
 
     lease_id: UUID
     limit_id: UUID
     expires: float
+    pod: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,10 +198,12 @@ class SlotFile:
         if data is None:
             return None
         try:
+            pod = data.get("pod")
             return LeaseRecord(
                 UUID(str(data["lease_id"])),
                 UUID(str(data["limit_id"])),
                 float(str(data["expires"])),
+                pod if isinstance(pod, str) else None,
             )
         except (ValueError, KeyError):
             return None  # a torn or foreign record: treat as no lease (the server expires it)
@@ -213,6 +217,8 @@ class SlotFile:
                 "limit_id": str(record.limit_id),
                 "expires": record.expires,
             }
+            if record.pod is not None:
+                data["pod"] = record.pod
         _write_json(self.fd, data)
 
 

@@ -174,7 +174,9 @@ async def async_gpu_slot(
         with pinned(holding.devices) as pin:
             yield _lease(holding, pin)
     finally:
-        holding.release()  # local unlocks only: safe and instant even when cancelled
+        # Local unlocks only (a block shorter than one request may wait for its lease's
+        # publication, at most _keeper.PUBLISH_WAIT): safe and quick even when cancelled.
+        holding.release()
 
 
 def _release_if_granted(granted: concurrent.futures.Future[Holding]) -> None:

@@ -19,6 +19,7 @@ from itertools import accumulate, count
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import (
@@ -625,3 +626,141 @@ def test_a_lone_first_acquire_is_one_lease_request(
         assert lease.devices == ("0",)
         assert node.active_slots() == 1
     assert calls == ["acquire"]
+
+
+class _WarpedClock:
+    """``time`` for the keeper and the lease calls, with a settable jump ahead: hours of a held
+    slot's upkeep pass in seconds, against a real server whose leases last in real time."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_a_held_slot_costs_at_most_half_a_request_per_minute(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default lease, an hour of holding a slot makes 0.2 requests per minute (Prefect
+    Cloud's rate limits count them), all renewals, and the lease stays valid throughout."""
+    from prefect_gpu_flows import _keeper
+    from prefect_gpu_flows._config import DEFAULT_LEASE_SECONDS
+
+    monkeypatch.delenv("PREFECT_GPU_LEASE_SECONDS")  # the default: 600 s
+    node.create_limit(1)
+    clock = _WarpedClock()
+    monkeypatch.setattr(_keeper, "time", clock)
+    monkeypatch.setattr(_gcl, "time", clock)
+    sent: list[str] = []
+    http = _gcl.client()._client
+
+    def hook(request: httpx.Request) -> None:
+        sent.append(request.url.path)
+
+    monkeypatch.setitem(http.event_hooks, "request", [*http.event_hooks["request"], hook])
+    hour = 3600.0
+    with gpu_slot(timeout_seconds=10):
+        sent.clear()
+        while clock.ahead < hour:
+            clock.ahead += 5.0
+            _keeper.keeper._wake.set()  # it sleeps in real time: have it look at the new time
+            time.sleep(0.01)
+        eventually(lambda: len(sent) >= hour / (DEFAULT_LEASE_SECONDS / 2), timeout=10)
+        per_minute = len(sent) / (hour / 60)
+        print(
+            f"one held slot for {hour / 60:.0f} simulated minutes: {len(sent)} requests, "
+            f"{per_minute:.2f} per minute"
+        )
+        assert all(path.endswith("/renew") for path in sent)
+        assert per_minute <= 0.5
+        assert node.active_slots() == 1  # renewed in time: the server never lost it
+    eventually(lambda: node.active_slots() == 0, timeout=10, what="released after the block")
+
+
+def _published(prefect: SyncPrefectClient, pod_uid: str, slot: int) -> str | None:
+    """The lease id published for the pod's slot, if any."""
+    variable = prefect.read_variable_by_name(_gcl.lease_variable(pod_uid, slot))
+    if variable is None:
+        return None
+    value = variable.value
+    assert isinstance(value, dict)
+    return str(value["lease_id"])
+
+
+def test_each_slots_lease_is_published_under_its_pod_and_moves_with_an_adoption(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pods sharing one lock directory: a lease adopted from the other pod's dead holder is
+    published under the adopter alone, so the dead pod's cleanup cannot revoke it."""
+    first, second = "0a0a0a0a-0000-4000-8000-000000000001", "0a0a0a0a-0000-4000-8000-000000000002"
+    node.create_limit(1)
+    monkeypatch.setenv("PREFECT_GPU_POD_UID", first)  # the holder process inherits it
+    events = tmp_path / "events.jsonl"
+    holder = node.start_holder(events, "--until", str(tmp_path / "never"))
+    eventually(lambda: len(entered(events)) == 1, timeout=60, what="holder entered")
+    # Published by the holder's keeper thread, off the block's way in.
+    eventually(lambda: _published(node.prefect, first, 0) is not None, timeout=5)
+    lease = _published(node.prefect, first, 0)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+
+    monkeypatch.setenv("PREFECT_GPU_POD_UID", second)
+    with gpu_slot(timeout_seconds=5):
+        assert node.active_slots() == 1  # the same lease, adopted
+        eventually(lambda: _published(node.prefect, second, 0) == lease, timeout=5)
+        assert _published(node.prefect, first, 0) is None
+    eventually(lambda: node.active_slots() == 0, timeout=10, what="released after the block")
+    with gpu_slot(timeout_seconds=5):  # a new lease on the same slot replaces the record
+        eventually(lambda: _published(node.prefect, second, 0) not in (None, lease), timeout=5)
+    node.prefect.delete_variable_by_name(_gcl.lease_variable(second, 0))
+
+
+def test_a_block_in_a_flow_or_task_run_names_the_run_as_its_leases_holder(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect's lease holder can name a run only (type and id); the server accepts ours."""
+    from prefect import flow, runtime, task
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+    node.create_limit(1)
+    sent: list[ConcurrencyLeaseHolder | None] = []
+    real = _gcl._holder
+
+    def spied() -> ConcurrencyLeaseHolder | None:
+        sent.append(real())
+        return sent[-1]
+
+    monkeypatch.setattr(_gcl, "_holder", spied)
+    runs: list[str] = []
+
+    @task
+    def step() -> None:
+        runs.append(str(runtime.task_run.id))
+        with gpu_slot(timeout_seconds=10):
+            pass
+
+    @flow
+    def pipeline() -> None:
+        runs.append(str(runtime.flow_run.id))
+        with gpu_slot(timeout_seconds=10):
+            pass
+        eventually(lambda: node.active_slots() == 0, timeout=10)  # a fresh lease for the task
+        step()
+
+    pipeline()
+    assert [(holder.type, str(holder.id)) for holder in sent if holder is not None] == [
+        ("flow_run", runs[0]),
+        ("task_run", runs[1]),
+    ]
+    eventually(lambda: node.active_slots() == 0, timeout=10)  # nothing left to adopt
+    with gpu_slot(timeout_seconds=10):
+        pass
+    assert len(sent) == 3
+    assert sent[-1] is None  # outside any run: no holder

@@ -21,7 +21,7 @@ from prefect_gpu_sandbox.waiting import eventually
 from tests.support.nodes import NodeFactory
 from tests.support.operator import OperatorProcess
 from tests.support.policies import Policies, pool_spec
-from tests.support.webhook import WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
+from tests.support.webhook import POD_UID_VAR, WORKER_ID_VAR, Pods, WebhookEndpoint, worker_ids
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def test_other_pods_are_left_alone(webhook: WebhookEndpoint, pods: Pods) -> None
     assert worker_ids(pods.create("system", WORKER, namespace="kube-system")) == {"main": []}
 
 
-def test_nothing_but_worker_id_changes(webhook: WebhookEndpoint, pods: Pods) -> None:
+def test_nothing_but_worker_id_and_the_pod_uid_change(webhook: WebhookEndpoint, pods: Pods) -> None:
     containers = [
         {"name": "a", "image": "i", "env": [{"name": "GREETING", "value": "on $(WORKER_ID)"}]},
         {"name": "b", "image": "i", "env": [{"name": "WORKER_ID", "value": "pinned"}]},
@@ -139,7 +139,9 @@ def test_nothing_but_worker_id_changes(webhook: WebhookEndpoint, pods: Pods) -> 
     for kind in ("initContainers", "containers"):
         for container in expected[kind]:
             if container["name"] in ("init-a", "a", "c"):
-                container["env"] = [WORKER_ID_VAR, *container.get("env", [])]
+                container["env"] = [WORKER_ID_VAR, POD_UID_VAR, *container.get("env", [])]
+            else:  # its own WORKER_ID stays; the pod's uid comes all the same
+                container["env"] = [POD_UID_VAR, *container.get("env", [])]
     assert mutated["spec"] == expected
     labels = dict(twin["metadata"]["labels"])
     del labels["prefectgpu.io/inject-worker-id"]

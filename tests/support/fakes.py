@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -20,6 +21,7 @@ from prefect_gpu_operator.adapters.prefect_limits import (
 )
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
+from prefect_gpu_operator.domain.pod_leases import LEASE_VARIABLE_PREFIX, PodLease, pod_leases
 from tests.support.policies import ledger
 
 __all__ = ["FakeKube", "FakePrefect", "Journal"]
@@ -50,6 +52,8 @@ class FakePrefect:
         self.in_flight = 0
         self.max_in_flight = 0
         self.reported_settings: dict[str, Any] | None = None
+        self.leases: dict[str, str] = {}  # lease id -> limit name
+        self.variables: dict[str, Any] = {}  # name -> value, as gpu_slot() publishes leases
 
     def connect(self, connection: PrefectConnection, *, timeout: float) -> FakePrefect:
         """The runtime's ``ConnectPrefect``: every connection reaches this one server."""
@@ -111,6 +115,32 @@ class FakePrefect:
     async def delete(self, name: str) -> None:
         await self._write("delete", name)
         self.limits.pop(name, None)
+
+    def lease(self, name: str, pod_uid: str, slot: int) -> str:
+        """A holder in pod ``pod_uid`` takes a slot of ``name`` and publishes its lease."""
+        lease_id = str(uuid.uuid4())
+        self.leases[lease_id] = name
+        before = self.limits[name]
+        self.limits[name] = replace(before, active_slots=before.active_slots + 1)
+        variable = f"{LEASE_VARIABLE_PREFIX}{pod_uid}_{slot}"
+        self.variables[variable] = {"lease_id": lease_id, "limit": name}
+        return lease_id
+
+    async def pod_leases(self, pod_uid: str) -> list[PodLease]:
+        self._call("pod-leases", pod_uid)
+        found = [{"name": name, "value": value} for name, value in self.variables.items()]
+        return pod_leases(pod_uid, found)
+
+    async def revoke_lease(self, lease_id: str) -> None:
+        await self._write("revoke-lease", lease_id)
+        name = self.leases.pop(lease_id, None)  # an unknown lease is a no-op, as on the server
+        if name is not None and name in self.limits:
+            before = self.limits[name]
+            self.limits[name] = replace(before, active_slots=max(0, before.active_slots - 1))
+
+    async def forget_lease(self, variable: str) -> None:
+        await self._write("forget-lease", variable)
+        self.variables.pop(variable, None)
 
     async def close(self) -> None:
         pass

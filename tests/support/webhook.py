@@ -13,11 +13,22 @@ from kubernetes.client.exceptions import ApiException
 
 from prefect_gpu_sandbox.webhook import WebhookEndpoint
 
-__all__ = ["WORKER_ID_VAR", "Pods", "WebhookEndpoint", "made_tls_files", "worker_ids"]
+__all__ = [
+    "POD_UID_VAR",
+    "WORKER_ID_VAR",
+    "Pods",
+    "WebhookEndpoint",
+    "made_tls_files",
+    "worker_ids",
+]
 
 WORKER_ID_VAR = {
     "name": "WORKER_ID",
     "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
+}
+POD_UID_VAR = {
+    "name": "PREFECT_GPU_POD_UID",
+    "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}},
 }
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import cast
 from uuid import uuid4
 
 import httpx
 import pytest
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 from prefect_gpu_flows import (
@@ -18,6 +20,7 @@ from prefect_gpu_flows import (
     MissingWorkerIdError,
     SlotConfig,
     _gcl,
+    _keeper,
     get_worker_id,
 )
 from prefect_gpu_flows._locks import (
@@ -68,7 +71,8 @@ def test_config_defaults_follow_prefect_per_worker_example(
     config = SlotConfig.from_env()
     assert config.limit_name == "gpu:gpu-1"
     assert config.lock_dir == Path("/tmp/prefect-gpu-locks/gpu-1")
-    assert config.lease_seconds == 60
+    assert config.lease_seconds == 600  # renewed half-way: 0.2 requests per minute per slot
+    assert config.pod_uid is None  # no pod known: leases are not published
     # No device list on this machine (no NVIDIA runtime, no NVML): slots number the devices.
     assert [config.device_of(slot) for slot in range(3)] == ["0", "1", "2"]
     config.check_limit(100)  # nothing to check it against
@@ -81,7 +85,9 @@ def test_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-a1,GPU-b2")
     monkeypatch.setenv("PREFECT_GPU_SLOTS_PER_DEVICE", "2")  # time-sliced: 2 GPUs, 2 slots each
     monkeypatch.setenv("PREFECT_GPU_LEASE_SECONDS", "120")
+    monkeypatch.setenv("PREFECT_GPU_POD_UID", " 5C1D2E3F-0000-4000-8000-00000000AB12 ")
     config = SlotConfig.from_env()
+    assert config.pod_uid == "5c1d2e3f-0000-4000-8000-00000000ab12"  # a variable name's case
     assert config.limit_name == "node-a.example.com-gpu"  # a policy's limitNameTemplate
     assert config.lock_dir == tmp_path / "node-a.example.com"
     assert config.lease_seconds == 120
@@ -171,8 +177,14 @@ def test_slot_record_round_trip_and_torn_records(tmp_path: Path) -> None:
     record = LeaseRecord(uuid4(), uuid4(), time.time() + 60)
     slot.write(record)
     assert slot.read() == record
+    published = LeaseRecord(uuid4(), uuid4(), time.time() + 60, pod="5c1d2e3f")
+    slot.write(published)
+    assert slot.read() == published
     slot.write(LeaseRecord(uuid4(), uuid4(), 1.0))  # a shorter record replaces it entirely
-    assert slot.read() != record
+    shorter = slot.read()
+    assert shorter is not None
+    assert shorter != record
+    assert shorter.pod is None
     slot.write(None)
     assert slot.read() is None
     slot.path.write_text('{"lease_id": "not-a-uuid"')
@@ -293,3 +305,96 @@ def test_an_unreachable_server_keeps_the_lease_for_later() -> None:
 def test_release_raises_other_errors() -> None:
     with pytest.raises(httpx.HTTPStatusError):
         _gcl.release(_RefusingClient(401), uuid4())  # type: ignore[arg-type]
+
+
+class _Publishing:
+    """``_gcl.register`` and ``_gcl.release`` without a server: each publication blocks until
+    ``finish`` is set, and every call is recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = threading.Event()
+        self.finish = threading.Event()
+        self.published: list[str] = []
+        monkeypatch.setattr(_gcl, "register", self.register)
+        monkeypatch.setattr(_gcl, "release", lambda prefect, lease_id: True)
+
+    def register(self, prefect: object, name: str, lease_id: object, limit_name: str) -> bool:
+        self.started.set()
+        assert self.finish.wait(5)
+        self.published.append(name)
+        return True
+
+
+def _settled(keeper: _keeper._Keeper) -> None:
+    """Wait until the keeper released the leases left to it (through the fakes, while they are
+    still in place)."""
+    deadline = time.monotonic() + 5
+    while keeper._left and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not keeper._left
+
+
+def _held_slot(tmp_path: Path) -> tuple[SlotFile, LeaseRecord]:
+    slot = SlotFile(tmp_path, 0)
+    assert slot.try_lock()
+    record = LeaseRecord(uuid4(), uuid4(), time.time() + 600)
+    slot.write(record)
+    return slot, record
+
+
+def test_a_leaving_holder_waits_for_its_leases_publication_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise a publication landing after the slot's next lease was published would name the
+    older lease, and the pod's death would not free the slot."""
+    publishing = _Publishing(monkeypatch)
+    keeper = _keeper._Keeper()
+    slot, record = _held_slot(tmp_path)
+    prefect = cast(SyncPrefectClient, object())
+    keeper.hold(slot, record, 600, prefect, _keeper.Publication("pod-a", "gpu:n", None))
+    assert publishing.started.wait(5)
+    leaving = threading.Thread(target=keeper.leave, args=(slot, record.lease_id))
+    leaving.start()
+    leaving.join(0.2)
+    assert leaving.is_alive()  # waits while the publication is in flight
+    assert slot.fd is not None
+    publishing.finish.set()
+    leaving.join(5)
+    assert not leaving.is_alive()
+    assert publishing.published == [_gcl.lease_variable("pod-a", 0)]
+    _settled(keeper)
+
+
+def test_a_block_shorter_than_the_publish_delay_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publishing = _Publishing(monkeypatch)
+    publishing.finish.set()
+    keeper = _keeper._Keeper()
+    slot, record = _held_slot(tmp_path)
+    prefect = cast(SyncPrefectClient, object())
+    publication = _keeper.Publication("pod-a", "gpu:n", None)
+    keeper.hold(slot, record, 600, prefect, publication)
+    keeper.leave(slot, record.lease_id)  # at once: its lease goes to the next claimant, if any
+    time.sleep(_keeper.PUBLISH_DELAY * 3)
+    assert publication.state == "dropped"
+    assert publishing.published == []
+    _settled(keeper)
+
+
+def test_a_published_lease_names_its_pod_on_the_slot_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publishing = _Publishing(monkeypatch)
+    publishing.finish.set()
+    keeper = _keeper._Keeper()
+    slot, record = _held_slot(tmp_path)
+    prefect = cast(SyncPrefectClient, object())
+    publication = _keeper.Publication("pod-a", "gpu:n", None)
+    keeper.hold(slot, record, 600, prefect, publication)
+    deadline = time.monotonic() + 5
+    while publication.state != "done" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slot.read() == LeaseRecord(record.lease_id, record.limit_id, record.expires, "pod-a")
+    keeper.leave(slot, record.lease_id)
+    _settled(keeper)

@@ -15,6 +15,10 @@ WORKER_ID_VAR = {
     "name": "WORKER_ID",
     "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
 }
+POD_UID_VAR = {
+    "name": "PREFECT_GPU_POD_UID",
+    "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}},
+}
 DEFAULT = Injection(excluded_namespaces=frozenset({"kube-system", "ops"}))
 
 
@@ -70,7 +74,7 @@ def test_namespace_from_the_request_when_the_body_has_none() -> None:
     assert DEFAULT.allows(pod, "default") is True
 
 
-def test_only_worker_id_is_added_to_every_container() -> None:
+def test_only_worker_id_and_the_pod_uid_are_added_to_every_container() -> None:
     pod = _pod(
         WORKER,
         containers=[
@@ -84,16 +88,17 @@ def test_only_worker_id_is_added_to_every_container() -> None:
     assert pod == before  # the patch is built, not applied, by the pure function
     expected = copy.deepcopy(before)
     # First in the list, so the container's own variables can refer to $(WORKER_ID).
-    expected["spec"]["containers"][0]["env"].insert(0, WORKER_ID_VAR)
-    expected["spec"]["containers"][1]["env"] = [WORKER_ID_VAR]
-    expected["spec"]["initContainers"][0]["env"] = [WORKER_ID_VAR]
+    expected["spec"]["containers"][0]["env"][:0] = [WORKER_ID_VAR, POD_UID_VAR]
+    expected["spec"]["containers"][1]["env"] = [WORKER_ID_VAR, POD_UID_VAR]
+    expected["spec"]["initContainers"][0]["env"] = [WORKER_ID_VAR, POD_UID_VAR]
     expected["metadata"]["labels"]["prefectgpu.io/has-worker-id"] = "true"  # for the pod watch
     assert after == expected
 
 
-def test_a_pod_with_its_own_worker_id_is_labelled_and_nothing_else() -> None:
+def test_a_pod_with_its_own_variables_is_labelled_and_nothing_else() -> None:
     own = {"name": "WORKER_ID", "value": "gpu-7"}
-    pod = _pod(WORKER, containers=[{"name": "a", "image": "i", "env": [own]}])
+    uid = {"name": "PREFECT_GPU_POD_UID", "value": "u"}
+    pod = _pod(WORKER, containers=[{"name": "a", "image": "i", "env": [own, uid]}])
     assert DEFAULT.patch(pod) == [
         {"op": "add", "path": "/metadata/labels/prefectgpu.io~1has-worker-id", "value": "true"}
     ]
@@ -117,8 +122,8 @@ def test_existing_worker_id_is_kept(own: dict[str, Any]) -> None:
         containers=[{"name": "a", "image": "i", "env": [own]}, {"name": "b", "image": "i"}],
     )
     after = _admitted(pod)
-    assert after["spec"]["containers"][0]["env"] == [own]
-    assert after["spec"]["containers"][1]["env"] == [WORKER_ID_VAR]
+    assert after["spec"]["containers"][0]["env"] == [POD_UID_VAR, own]  # the added go first
+    assert after["spec"]["containers"][1]["env"] == [WORKER_ID_VAR, POD_UID_VAR]
 
 
 def test_readmission_is_idempotent() -> None:
@@ -129,17 +134,22 @@ def test_readmission_is_idempotent() -> None:
 def test_extra_env_is_added_like_worker_id_but_never_replaces_it() -> None:
     injection = Injection(
         excluded_namespaces=frozenset(),
-        extra_env=(("POD_NAME", "metadata.name"), ("WORKER_ID", "ignored")),
+        extra_env=(
+            ("POD_NAME", "metadata.name"),
+            ("WORKER_ID", "ignored"),
+            ("PREFECT_GPU_POD_UID", "ignored"),
+        ),
     )
     pod = _pod(
         {"team": "ml"},
         containers=[{"name": "a", "image": "i", "env": [{"name": "POD_NAME", "value": "mine"}]}],
     )
     env = _admitted(pod, injection)["spec"]["containers"][0]["env"]
-    assert env == [WORKER_ID_VAR, {"name": "POD_NAME", "value": "mine"}]
+    assert env == [WORKER_ID_VAR, POD_UID_VAR, {"name": "POD_NAME", "value": "mine"}]
     env = _admitted(_pod({"team": "ml"}), injection)["spec"]["containers"][0]["env"]
     assert env == [
         WORKER_ID_VAR,
+        POD_UID_VAR,
         {
             "name": "POD_NAME",
             "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
@@ -151,6 +161,7 @@ def test_patch_is_json_patch_with_explicit_paths() -> None:
     pod = _pod(WORKER, containers=[{"name": "a", "image": "i", "env": [{"name": "A"}]}])
     assert DEFAULT.patch(pod) == [
         {"op": "add", "path": "/spec/containers/0/env/0", "value": WORKER_ID_VAR},
+        {"op": "add", "path": "/spec/containers/0/env/1", "value": POD_UID_VAR},
         {"op": "add", "path": "/metadata/labels/prefectgpu.io~1has-worker-id", "value": "true"},
     ]
 

@@ -1,6 +1,7 @@
-"""The operator's one door to Prefect: global concurrency limits over Prefect's REST API.
+"""The operator's one door to Prefect: global concurrency limits over Prefect's REST API, and
+the leases of dead pods (see ``domain/pod_leases``).
 
-Four endpoints are all it needs, so it speaks them with one long-lived httpx client rather than
+A few endpoints are all it needs, so it speaks them with one long-lived httpx client rather than
 Prefect's full client (which costs ~40 MB of imports and extra requests per call). It
 authenticates the way Prefect's client does: ``Authorization: Bearer`` for an API key (Prefect
 Cloud), ``Authorization: Basic`` for a self-hosted server's auth string, extra headers, a custom
@@ -26,6 +27,7 @@ from urllib.parse import quote
 import httpx
 
 from prefect_gpu_operator.domain.plan import ObservedLimit
+from prefect_gpu_operator.domain.pod_leases import PodLease, pod_leases, prefix_of
 from prefect_gpu_operator.metrics import PREFECT_CALLS, PREFECT_ERRORS, PREFECT_THROTTLED
 
 __all__ = [
@@ -229,6 +231,26 @@ class PrefectLimits:
             return None
         found = response.json()
         return found if isinstance(found, dict) else None
+
+    async def pod_leases(self, pod_uid: str) -> list[PodLease]:
+        """The leases gpu_slot() published for the pod's slots (one request)."""
+        body = {"variables": {"name": {"like_": prefix_of(pod_uid)}}, "limit": PAGE_SIZE}
+        response = await self._request("pod-leases", "POST", "/variables/filter", body)
+        found = response.json()
+        return pod_leases(pod_uid, found if isinstance(found, list) else [])
+
+    async def revoke_lease(self, lease_id: str) -> None:
+        """Give the lease's slots back, as its holder would on leaving. A lease the server no
+        longer has (released, expired) answers 204 as well: nothing to do."""
+        body = {"lease_id": lease_id}
+        await self._request(
+            "revoke-lease", "POST", "/v2/concurrency_limits/decrement-with-lease", body, ok={404}
+        )
+
+    async def forget_lease(self, variable: str) -> None:
+        """Delete a published lease once it is revoked; already gone is fine."""
+        path = f"/variables/name/{quote(variable, safe='')}"
+        await self._request("forget-lease", "DELETE", path, None, ok={404})
 
     async def _request(
         self,

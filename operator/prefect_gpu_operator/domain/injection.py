@@ -2,6 +2,8 @@
 
 ``WORKER_ID`` is the node name, but a pod is not scheduled yet when it is admitted, so the value
 is a Downward API reference (``fieldRef: spec.nodeName``) that the kubelet resolves at start.
+``PREFECT_GPU_POD_UID`` (``metadata.uid``) comes with it: gpu_slot() publishes its leases under
+it, so that the operator can revoke them when the pod dies (``domain/pod_leases``).
 Which pods reach the webhook is the MutatingWebhookConfiguration's business (its objectSelectors,
 rendered from the chart's ``webhook.podSelectors``): the one place pods are selected. Here only
 the opt-out label and the excluded namespaces are honoured again, and a pod that already has the
@@ -18,6 +20,7 @@ from typing import Any
 __all__ = [
     "CONTAINER_KINDS",
     "OPT_LABEL",
+    "POD_UID",
     "WEBHOOK_ID",
     "WEBHOOK_PATH",
     "WORKER_ID",
@@ -31,6 +34,7 @@ WEBHOOK_ID = "inject-worker-id"
 # kopf routes POST /<handler id> to the handler: the webhook configuration's path must be this.
 WEBHOOK_PATH = f"/{WEBHOOK_ID}"
 WORKER_ID = "WORKER_ID"
+POD_UID = "PREFECT_GPU_POD_UID"
 OPT_LABEL = "prefectgpu.io/inject-worker-id"
 WORKER_LABEL = "prefectgpu.io/has-worker-id"
 """Marks a pod whose containers know their node through WORKER_ID (value "true")."""
@@ -58,15 +62,19 @@ def defines_worker_id(pod: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Injection:
-    """Which Downward API variables a pod gets (``WORKER_ID`` first), and where never."""
+    """Which Downward API variables a pod gets (``WORKER_ID`` first, then
+    ``PREFECT_GPU_POD_UID``), and where never."""
 
     excluded_namespaces: frozenset[str]
-    extra_env: tuple[tuple[str, str], ...] = ()  # (name, fieldPath) besides WORKER_ID
+    extra_env: tuple[tuple[str, str], ...] = ()  # (name, fieldPath) besides the two
 
     @property
     def env(self) -> tuple[tuple[str, str], ...]:
-        extra = tuple((name, path) for name, path in self.extra_env if name != WORKER_ID)
-        return ((WORKER_ID, "spec.nodeName"), *extra)
+        builtin = ((WORKER_ID, "spec.nodeName"), (POD_UID, "metadata.uid"))
+        extra = tuple(
+            (name, path) for name, path in self.extra_env if name not in (WORKER_ID, POD_UID)
+        )
+        return (*builtin, *extra)
 
     def allows(self, pod: Mapping[str, Any], namespace: str | None = None) -> bool:
         """False for a pod that opted out or lives in an excluded namespace.

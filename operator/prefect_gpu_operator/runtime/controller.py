@@ -32,6 +32,7 @@ from prefect_gpu_operator.domain.status import Outcome
 from prefect_gpu_operator.metrics import RECONCILE_SECONDS, RECONCILES
 from prefect_gpu_operator.runtime.cluster_view import ClusterView
 from prefect_gpu_operator.runtime.fence import Fence, Fenced
+from prefect_gpu_operator.runtime.pod_leases import LeaseReaper
 from prefect_gpu_operator.runtime.ports import ConnectPrefect, KubeApi, LimitsApi
 from prefect_gpu_operator.runtime.prefect_view import Listing, PrefectView
 from prefect_gpu_operator.runtime.records import PolicyRecord
@@ -76,6 +77,7 @@ class Controller:
             kube, settings.namespace, connect, timeout=settings.prefect_timeout_seconds
         )
         self.status = StatusWriter(kube, settings.status_interval_seconds, self.view.workers.nodes)
+        self.reaper = LeaseReaper(self.view.policies, self.prefect, self.fence)
 
     @property
     def policies(self) -> dict[str, PolicyRecord]:
@@ -97,6 +99,8 @@ class Controller:
         return self.view.observe_policy(body)
 
     def observe_pod(self, body: Mapping[str, Any], deleted: bool = False) -> Event | None:
+        """Record a Prefect pod; one that died has its published leases revoked meanwhile."""
+        self.reaper.observe(body, deleted)
         return self.view.observe_pod(body, deleted)
 
     def forget_policy(self, name: str) -> None:
@@ -131,6 +135,7 @@ class Controller:
             log.debug("peering not read: %s", error)
 
     async def close(self) -> None:
+        await self.reaper.close()
         await self.status.flush_all(self.policies)
         await self.prefect.close()
         self.kube.close()

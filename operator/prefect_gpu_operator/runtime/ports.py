@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from prefect_gpu_operator.adapters.prefect_limits import PrefectConnection
 from prefect_gpu_operator.domain.desired import GPUNode
 from prefect_gpu_operator.domain.plan import ObservedLimit
+from prefect_gpu_operator.domain.pod_leases import PodLease
 
 __all__ = ["ClusterReader", "ConnectPrefect", "KubeApi", "LimitsApi"]
 
@@ -34,6 +35,12 @@ class LimitsApi(Protocol):
     async def delete(self, name: str) -> None: ...
 
     async def settings(self) -> dict[str, Any] | None: ...
+
+    async def pod_leases(self, pod_uid: str) -> list[PodLease]: ...
+
+    async def revoke_lease(self, lease_id: str) -> None: ...
+
+    async def forget_lease(self, variable: str) -> None: ...
 
     async def close(self) -> None: ...
 
