@@ -156,6 +156,7 @@ class Holders:
             "WORKER_ID": self.node,
             "PREFECT_GPU_LOCK_DIR": str(self.lock_dir),
             "PREFECT_API_URL": api_url,
+            "PREFECT_GPU_LEASE_SECONDS": str(LEASE_SECONDS),  # renewed within this test's time
         }
         with (self.directory / f"{name}.log").open("ab") as log:
             holder = subprocess.Popen(
