@@ -122,6 +122,18 @@ def _lease_variables(scene: Scene, pod: dict[str, Any]) -> list[str]:
     return [item["name"] for item in response.json()]
 
 
+def _freed_within_seconds(scene: Scene, limit: str, left: int, whose: str) -> None:
+    """Wait (at most FREED_WITHIN) until ``left`` slots of ``limit`` stay counted; say how long
+    it took since now, the moment the pod went."""
+    gone = time.monotonic()
+    eventually(
+        lambda: _active_slots(scene, limit) == left,
+        timeout=FREED_WITHIN,
+        what=f"the slot of {whose} freed",
+    )
+    print(f"slot of {whose} free {time.monotonic() - gone:.2f} s after it went")
+
+
 def test_a_deleted_pods_slots_are_free_within_seconds_and_a_live_pods_stay_held(
     scene: Scene, pods: Pods, holders: Holders, tmp_path: Path
 ) -> None:
@@ -142,13 +154,7 @@ def test_a_deleted_pods_slots_are_free_within_seconds_and_a_live_pods_stay_held(
     holds(lambda: _active_slots(scene, "gpu:dp-a") == 2, duration=2.0, what="slot still counted")
 
     pods.delete("dp-dead")
-    deleted = time.monotonic()
-    eventually(
-        lambda: _active_slots(scene, "gpu:dp-a") == 1,
-        timeout=FREED_WITHIN,
-        what="the deleted pod's slot freed",
-    )
-    print(f"slot of a deleted pod free {time.monotonic() - deleted:.2f} s after the deletion")
+    _freed_within_seconds(scene, "gpu:dp-a", 1, "a deleted pod")
     assert _lease_variables(scene, dead) == []
     # The live pod's holder keeps its slot and still renews its lease.
     holds(lambda: _active_slots(scene, "gpu:dp-a") == 1, duration=2.0, what="live slot held")
@@ -171,11 +177,5 @@ def test_a_failed_pods_slots_are_free_within_seconds_before_it_is_deleted(
     holder.wait(timeout=10)
     # What the kubelet reports when the pod's containers died for good (restartPolicy Never).
     core_v1.patch_namespaced_pod_status("df-worker", "default", {"status": {"phase": "Failed"}})
-    failed = time.monotonic()
-    eventually(
-        lambda: _active_slots(scene, "gpu:df-a") == 0,
-        timeout=FREED_WITHIN,
-        what="the failed pod's slot freed",
-    )
-    print(f"slot of a failed pod free {time.monotonic() - failed:.2f} s after it failed")
+    _freed_within_seconds(scene, "gpu:df-a", 0, "a failed pod")
     assert _lease_variables(scene, pod) == []

@@ -342,16 +342,24 @@ def _held_slot(tmp_path: Path) -> tuple[SlotFile, LeaseRecord]:
     return slot, record
 
 
+def _held_and_published(
+    tmp_path: Path,
+) -> tuple[_keeper._Keeper, SlotFile, LeaseRecord, _keeper.Publication]:
+    """A keeper holding a slot of pod ``pod-a``, its lease to be published."""
+    keeper = _keeper._Keeper()
+    slot, record = _held_slot(tmp_path)
+    publication = _keeper.Publication("pod-a", "gpu:n", None)
+    keeper.hold(slot, record, 600, cast(SyncPrefectClient, object()), publication)
+    return keeper, slot, record, publication
+
+
 def test_a_leaving_holder_waits_for_its_leases_publication_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Otherwise a publication landing after the slot's next lease was published would name the
     older lease, and the pod's death would not free the slot."""
     publishing = _Publishing(monkeypatch)
-    keeper = _keeper._Keeper()
-    slot, record = _held_slot(tmp_path)
-    prefect = cast(SyncPrefectClient, object())
-    keeper.hold(slot, record, 600, prefect, _keeper.Publication("pod-a", "gpu:n", None))
+    keeper, slot, record, _ = _held_and_published(tmp_path)
     assert publishing.started.wait(5)
     leaving = threading.Thread(target=keeper.leave, args=(slot, record.lease_id))
     leaving.start()
@@ -370,11 +378,7 @@ def test_a_block_shorter_than_the_publish_delay_publishes_nothing(
 ) -> None:
     publishing = _Publishing(monkeypatch)
     publishing.finish.set()
-    keeper = _keeper._Keeper()
-    slot, record = _held_slot(tmp_path)
-    prefect = cast(SyncPrefectClient, object())
-    publication = _keeper.Publication("pod-a", "gpu:n", None)
-    keeper.hold(slot, record, 600, prefect, publication)
+    keeper, slot, record, publication = _held_and_published(tmp_path)
     keeper.leave(slot, record.lease_id)  # at once: its lease goes to the next claimant, if any
     time.sleep(_keeper.PUBLISH_DELAY * 3)
     assert publication.state == "dropped"
@@ -387,11 +391,7 @@ def test_a_published_lease_names_its_pod_on_the_slot_file(
 ) -> None:
     publishing = _Publishing(monkeypatch)
     publishing.finish.set()
-    keeper = _keeper._Keeper()
-    slot, record = _held_slot(tmp_path)
-    prefect = cast(SyncPrefectClient, object())
-    publication = _keeper.Publication("pod-a", "gpu:n", None)
-    keeper.hold(slot, record, 600, prefect, publication)
+    keeper, slot, record, publication = _held_and_published(tmp_path)
     deadline = time.monotonic() + 5
     while publication.state != "done" and time.monotonic() < deadline:
         time.sleep(0.01)
