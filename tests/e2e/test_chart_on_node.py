@@ -188,7 +188,8 @@ def test_standby_takes_over_and_reconciles_a_change_made_meanwhile(
     def standby_log() -> str:
         return str(node_core_v1.read_namespaced_pod_log(standby, release.namespace))
 
-    assert _RESUMED not in standby_log()  # it has been paused since it started
+    resumed = standby_log().count(_RESUMED)  # paused now (it resumed before only if the active
+    # replica restarted meanwhile, e.g. a liveness restart on a loaded machine)
     try:
         node_core_v1.delete_namespaced_pod(active, release.namespace)
         node.set_fake_gpus(FAKE_GPUS + 1)  # while no replica may be active
@@ -203,7 +204,7 @@ def test_standby_takes_over_and_reconciles_a_change_made_meanwhile(
         }
         assert active not in remaining
         # The replica that stayed took over: kopf resumed it once the active one was gone.
-        assert _RESUMED in standby_log()
+        assert standby_log().count(_RESUMED) > resumed
     finally:
         node.set_fake_gpus(FAKE_GPUS)
         eventually(lambda: node.allocatable_gpus() == FAKE_GPUS, timeout=60, what="restored")
