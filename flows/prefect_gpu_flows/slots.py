@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
+from prefect_gpu_flows import _presence
 from prefect_gpu_flows._claim import Holding, acquire
 from prefect_gpu_flows._config import (
     GpuDeviceError,
@@ -134,12 +136,19 @@ def gpu_slot(gpus: int = 1, timeout_seconds: float | None = None) -> Iterator[Gp
     is restored after it; ``lease.pinned`` says whether that reaches this process's CUDA.
     """
     config = _config(gpus)
-    holding = acquire(config, gpus, timeout_seconds, None)
+    with _presence.waiting(config.lock_dir, gpus):
+        holding = acquire(config, gpus, timeout_seconds, None)
     try:
-        with pinned(holding.devices) as pin:
+        with _held(holding), pinned(holding.devices) as pin:
             yield _lease(holding, pin)
     finally:
         holding.release()
+
+
+def _held(holding: Holding) -> contextlib.AbstractContextManager[None]:
+    """The block's holder records (``_presence``): who holds which slot, seen from the node."""
+    slots = [slot.index for slot in holding.slots]
+    return _presence.holding(holding.config.lock_dir, slots, holding.devices)
 
 
 @asynccontextmanager
@@ -156,9 +165,13 @@ async def async_gpu_slot(
     granted.set_running_or_notify_cancel()  # so asyncio's cancel cannot cancel it under the thread
     context = contextvars.copy_context()  # the run logger follows into the thread
 
+    def waited() -> Holding:
+        with _presence.waiting(config.lock_dir, gpus):
+            return acquire(config, gpus, timeout_seconds, cancelled)
+
     def wait() -> None:
         try:
-            granted.set_result(context.run(acquire, config, gpus, timeout_seconds, cancelled))
+            granted.set_result(context.run(waited))
         except BaseException as error:
             granted.set_exception(error)
 
@@ -171,7 +184,7 @@ async def async_gpu_slot(
         granted.add_done_callback(_release_if_granted)  # it may be granted before it notices
         raise
     try:
-        with pinned(holding.devices) as pin:
+        with _held(holding), pinned(holding.devices) as pin:
             yield _lease(holding, pin)
     finally:
         # Local unlocks only (a block shorter than one request may wait for its lease's

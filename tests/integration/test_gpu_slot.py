@@ -47,6 +47,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 HOLDER = "tests.integration._gpu_slot_holder"
+SLOTS_CLI = str(Path(sys.executable).with_name("prefect-gpu-slots"))
 _names = count()
 # The contention tests run on Prefect's two database backends: PostgreSQL locks rows where
 # SQLite locks the file, so races differ.
@@ -123,10 +124,13 @@ class Node:
         return not self._free("gate.lock")
 
     def start_holder(self, events: Path, *args: str) -> subprocess.Popen[bytes]:
+        # Not what a block of this process may have pinned: a holder finds its own devices.
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
         with events.with_suffix(".log").open("ab") as log:
             holder = subprocess.Popen(
                 [sys.executable, "-m", HOLDER, "--events", str(events), *args],
                 cwd=REPO,
+                env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -764,3 +768,75 @@ def test_a_block_in_a_flow_or_task_run_names_the_run_as_its_leases_holder(
         pass
     assert len(sent) == 3
     assert sent[-1] is None  # outside any run: no holder
+
+
+def test_the_slots_view_names_each_holder_and_waiter(node: Node, tmp_path: Path) -> None:
+    """``prefect-gpu-slots``, run on the node as a user would: the two holders of a 2-slot node
+    (one a task of a flow run, one a plain process) on their devices, and the third, waiting."""
+    from prefect import flow, runtime, task
+    from prefect.logging.handlers import APILogWorker
+
+    node.create_limit(2)
+    release = tmp_path / "release"
+    plain = node.start_holder(tmp_path / "plain.jsonl", "--until", str(release))
+    eventually(lambda: entered(tmp_path / "plain.jsonl"), timeout=60, what="the plain holder in")
+    runs: dict[str, str] = {}
+    inside = threading.Event()
+
+    @task(name="embed-step")
+    def step() -> None:
+        runs["task_run"] = str(runtime.task_run.id)
+        with gpu_slot(timeout_seconds=30):
+            inside.set()
+            while not release.exists():
+                time.sleep(0.01)
+
+    @flow
+    def pipeline() -> None:
+        runs["flow_run"] = str(runtime.flow_run.id)
+        step()
+
+    # In a thread with this test's Prefect settings (a context the thread would not inherit).
+    in_flow = threading.Thread(target=contextvars.copy_context().run, args=(pipeline,))
+    in_flow.start()
+    assert inside.wait(60), "the task's block never entered"
+    waiter = node.start_holder(tmp_path / "waiter.jsonl", "--until", str(release))
+    try:
+
+        def view() -> list[dict[str, Any]]:
+            shown = subprocess.run(
+                [SLOTS_CLI, node.worker_id, "--json"], capture_output=True, text=True
+            )
+            assert shown.returncode == 0, shown.stderr
+            (one,) = json.loads(shown.stdout)
+            assert len(one["holders"]) == 2, one
+            assert len(one["waiters"]) == 1, one
+            return [one]
+
+        (seen,) = eventually(view, timeout=60, what="two holders and a waiter in the view")
+        assert seen["node"] == node.worker_id
+        assert seen["limit"] == 2
+        by_pid = {holder["pid"]: holder for holder in seen["holders"]}
+        assert plain.pid in by_pid, seen
+        assert sorted(h["slot"] for h in seen["holders"]) == [0, 1]
+        assert by_pid[plain.pid]["device"] == entered(tmp_path / "plain.jsonl")[0]["devices"][0]
+        (ours,) = [h for h in seen["holders"] if h["pid"] == os.getpid()]
+        assert (ours["flow_run"], ours["task_run"]) == (runs["flow_run"], runs["task_run"])
+        assert ours["task"] == "embed-step"
+        assert {by_pid[plain.pid]["device"], ours["device"]} == {"0", "1"}  # one device each
+        assert [w["pid"] for w in seen["waiters"]] == [waiter.pid]
+        metrics = subprocess.run(
+            [SLOTS_CLI, node.worker_id, "--metrics"], capture_output=True, text=True, check=True
+        ).stdout
+        assert f'prefect_gpu_slots_held{{node="{node.worker_id}"}} 2' in metrics
+        assert f'prefect_gpu_slots_waiting{{node="{node.worker_id}"}} 1' in metrics
+    finally:
+        release.touch()
+        in_flow.join(timeout=60)
+        APILogWorker.drain_all(timeout=10)  # the flow run's logs, while the server still runs
+    assert waiter.wait(timeout=60) == 0
+    assert plain.wait(timeout=30) == 0
+    # Every record went with its block.
+    shown = subprocess.run([SLOTS_CLI, node.worker_id, "--json"], capture_output=True, text=True)
+    (after,) = json.loads(shown.stdout)
+    assert after["holders"] == after["waiters"] == []
