@@ -7,7 +7,6 @@ and the chart's GPU worker pods, whose flow runs are read back from inside them.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from kubernetes import client
 
 from prefect_gpu_sandbox.image_builder import build_image
 from prefect_gpu_sandbox.images import IMAGES
+from prefect_gpu_sandbox.namespaces import run
 from prefect_gpu_sandbox.node import NodeCluster
 from prefect_gpu_sandbox.paths import CHART
 from prefect_gpu_sandbox.tools import tools_bin
@@ -137,16 +137,7 @@ def kubectl_exec(node: NodeCluster, pod: client.V1Pod, script: str) -> str:
     server, the kubelet and containerd; its output."""
     namespace, name = _namespace_and_name(pod)
     kubectl = [str(tools_bin() / "kubectl"), f"--kubeconfig={node.kubeconfig}", "exec"]
-    done = subprocess.run(
-        [*kubectl, f"--namespace={namespace}", name, "--", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"kubectl exec {name}: {done.stderr.strip()}")
-    return done.stdout
+    return run([*kubectl, f"--namespace={namespace}", name, "--", "sh", "-c", script])
 
 
 @dataclass(frozen=True)
@@ -159,10 +150,7 @@ class Release:
 
     def helm(self, *args: str, timeout: float = 300) -> str:
         helm = [str(tools_bin() / "helm"), f"--kubeconfig={self.node.kubeconfig}", *args]
-        done = subprocess.run(helm, capture_output=True, text=True, timeout=timeout, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"helm {args[0]}: {done.stderr.strip()}")
-        return done.stdout
+        return run(helm, timeout=timeout)
 
     def _values_file(self, values: Mapping[str, Any]) -> Path:
         path = self.node.directory / f"values-{self.name}.yaml"
