@@ -138,6 +138,18 @@ def test_readiness_waits_for_the_webhook_port() -> None:
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
 
 
+@pytest.mark.parametrize(("delay", "grace"), [(5, 35), (12, 42), (0, 30)])
+def test_a_stopping_replica_serves_on_for_the_shutdown_delay(delay: int, grace: int) -> None:
+    """The endpoints drop a pod only after it is told to stop: it sleeps before its SIGTERM, and
+    still has Kubernetes' default 30 s to stop in after that."""
+    values = {"operator": {"shutdownDelaySeconds": delay}}
+    (deployment,) = [d for d in render_chart(NAMESPACE, values) if d["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == grace
+    sleep = {"preStop": {"exec": {"command": ["sleep", str(delay)]}}}
+    assert spec["containers"][0].get("lifecycle") == (sleep if delay else None)
+
+
 def test_extra_env_and_volumes_reach_the_operator_container() -> None:
     """A Prefect API behind an HTTPS proxy and a private CA: the chart's extension points."""
     extra = VALUE_SETS["behind-a-proxy"]["operator"]
