@@ -101,8 +101,9 @@ class OperatorSettings(BaseSettings):
     )
     peering_priority: int | None = Field(
         default=None,
-        description="With peering: this replica's priority (the highest one is active). Unset "
-        "draws a random one, since replicas of equal priority would all pause.",
+        description="With peering: this replica's priority (the highest one is active). Unset: "
+        "by age, the replica started first is active (a random tie-break, since replicas of "
+        "equal priority would all pause).",
     )
     log_format: Literal["plain", "full", "json"] = Field(
         default="plain", description="Log format: plain, full or json (structured)."

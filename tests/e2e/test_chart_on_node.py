@@ -9,8 +9,12 @@ the last test, by ``helm upgrade``). The chart's GPU worker running flow runs is
 from __future__ import annotations
 
 import base64
+import contextlib
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -151,6 +155,10 @@ def _peering_name(release: Release) -> str:
     return next(str(var.value) for var in env if var.name == "PREFECT_GPU_OPERATOR_PEERING")
 
 
+def _pod_names(core: client.CoreV1Api, namespace: str) -> set[str]:
+    return {pod.metadata.name for pod in core.list_namespaced_pod(namespace).items}
+
+
 def _admitted_with_worker_id(core: client.CoreV1Api, namespace: str, image: str) -> None:
     """The webhook admits an opted-in pod now and injects WORKER_ID (a server-side dry run goes
     through admission, webhooks included, and stores nothing); raises if it does not."""
@@ -162,6 +170,37 @@ def _admitted_with_worker_id(core: client.CoreV1Api, namespace: str, image: str)
     # Not an AssertionError: `eventually` would retry it, and no admission may miss.
     if "WORKER_ID" not in names:
         raise RuntimeError(f"admitted without WORKER_ID: {created.spec.containers[0].env}")
+
+
+@dataclass
+class _Admissions:
+    made: int = 0
+    missed: list[str] = field(default_factory=list)  # without WORKER_ID, or failed
+
+
+@contextlib.contextmanager
+def _admitting_throughout(
+    core: client.CoreV1Api, namespace: str, image: str
+) -> Iterator[_Admissions]:
+    """Dry-run admissions, one after another, for as long as the block runs."""
+    admissions = _Admissions()
+    done = threading.Event()
+
+    def admit() -> None:
+        while not done.wait(0.2):
+            try:
+                _admitted_with_worker_id(core, namespace, image)
+            except Exception as error:
+                admissions.missed.append(f"{time.strftime('%H:%M:%S')} {error}")
+            admissions.made += 1
+
+    prober = threading.Thread(target=admit, name="admissions", daemon=True)
+    prober.start()
+    try:
+        yield admissions
+    finally:
+        done.set()
+        prober.join(timeout=30)
 
 
 _RESUMED = "Resuming operations after the pause"  # kopf's peering, as a paused replica resumes
@@ -191,18 +230,22 @@ def test_standby_takes_over_and_reconciles_a_change_made_meanwhile(
     resumed = standby_log().count(_RESUMED)  # paused now (it resumed before only if the active
     # replica restarted meanwhile, e.g. a liveness restart on a loaded machine)
     try:
-        node_core_v1.delete_namespaced_pod(active, release.namespace)
-        node.set_fake_gpus(FAKE_GPUS + 1)  # while no replica may be active
-
-        def followed() -> None:
-            _admitted_with_worker_id(node_core_v1, node_namespace, busybox_image)
-            assert limits.limits("gpu:").get(name) == FAKE_GPUS + 1
-
-        eventually(followed, timeout=120, interval=1.0, what=f"{name} after the takeover")
-        remaining = {
-            p.metadata.name for p in node_core_v1.list_namespaced_pod(release.namespace).items
-        }
-        assert active not in remaining
+        # Admissions go on while the active replica stops, each with WORKER_ID.
+        with _admitting_throughout(node_core_v1, node_namespace, busybox_image) as admissions:
+            node_core_v1.delete_namespaced_pod(active, release.namespace)
+            node.set_fake_gpus(FAKE_GPUS + 1)  # while no replica may be active
+            eventually(
+                lambda: limits.limits("gpu:").get(name) == FAKE_GPUS + 1,
+                timeout=120,
+                what=f"{name} after the takeover",
+            )
+            eventually(
+                lambda: active not in _pod_names(node_core_v1, release.namespace),
+                timeout=120,
+                what=f"{active} gone",
+            )
+        assert admissions.missed == [], admissions
+        assert admissions.made >= 10, admissions  # it ran through the takeover
         # The replica that stayed took over: kopf resumed it once the active one was gone.
         assert standby_log().count(_RESUMED) > resumed
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,7 +22,7 @@ from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
 from prefect_gpu_operator.domain.events import Event
 from prefect_gpu_operator.domain.injection import WORKER_LABEL
 from prefect_gpu_operator.runtime.controller import Controller
-from prefect_gpu_operator.runtime.fence import POLL_SECONDS
+from prefect_gpu_operator.runtime.fence import POLL_SECONDS, seniority_priority
 from prefect_gpu_operator.settings import current_settings
 
 POLICIES = (GROUP, VERSION, PLURAL)
@@ -52,7 +53,7 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.peering.priority = (
         config.peering_priority
         if config.peering_priority is not None
-        else random.randint(1, 2**31 - 1)  # equal priorities would pause every replica
+        else seniority_priority(time.time(), random.randrange(1000))
     )
     kube = Kube()
     controller = Controller(config, kube, identity=getattr(memo, "identity", None))

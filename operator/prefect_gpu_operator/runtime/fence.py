@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["POLL_SECONDS", "Fence", "Fenced"]
+__all__ = ["POLL_SECONDS", "Fence", "Fenced", "seniority_priority"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,17 @@ _SAFE_SHARE = 0.8
 """Of the lifetime, how long after its last keepalive a replica may still write."""
 POLL_SECONDS = 1.0
 """How often a replica reads its own peering record."""
+
+
+def seniority_priority(started_at: float, tiebreak: int) -> int:
+    """A peering priority by age: the replica started first is active, so a starting replica
+    (a rollout, the one replacing a deleted pod) never takes over from a running one, and only
+    the active one's going causes a takeover (the oldest standby's). ``tiebreak`` (0-999, drawn
+    at random) separates replicas started in the same millisecond: equal priorities would pause
+    them all. Negative, as kopf makes the highest priority active; well inside 2**53."""
+    if not 0 <= tiebreak < 1000:
+        raise ValueError(f"tiebreak must be in 0..999, not {tiebreak}")
+    return -(round(started_at * 1000) * 1000) + tiebreak
 
 
 class Fenced(RuntimeError):
