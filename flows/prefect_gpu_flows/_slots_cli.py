@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prefect_gpu_flows._config import SlotConfig
 from prefect_gpu_flows._presence import NodeSlots, node_slots
-from prefect_gpu_flows._slots_metrics import exposition, node_names, serve
+from prefect_gpu_flows._slots_metrics import exposition, node_names, parse_address, serve
 
 __all__ = ["NodeSlots", "main", "node_slots"]
 
@@ -52,6 +52,13 @@ def _text(nodes: Sequence[NodeSlots], now: float) -> str:
     return "\n".join(lines)
 
 
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefect-gpu-slots", description=__doc__)
     parser.add_argument("node", nargs="?", help="one node (default: every node in the directory)")
@@ -63,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown.add_argument(
         "--serve",
         metavar="[HOST:]PORT",
+        type=_address,
         help="serve the metrics on /metrics, read afresh at each scrape, until SIGTERM",
     )
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ __all__ = [
     "exposition",
     "families",
     "node_names",
+    "parse_address",
     "serve",
 ]
 
@@ -129,15 +130,20 @@ def _reader(root: Path, node: str | None) -> Callable[[], list[NodeSlots]]:
     return lambda: [node_slots(root / name) for name in node_names(root, node)]
 
 
-def _parse_address(address: str) -> tuple[str, int]:
+def parse_address(address: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` (HOST may be a bracketed IPv6 address) as (host, port); no HOST: all
+    interfaces. ValueError if PORT is not one."""
     host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} out of range")
+    return host.strip("[]") or "0.0.0.0", number
 
 
-def serve(root: Path, node: str | None, address: str) -> None:
-    """Serve the metrics on ``[HOST:]PORT`` (all interfaces by default; port 0: any free one,
-    printed) until SIGTERM or SIGINT."""
-    host, port = _parse_address(address)
+def serve(root: Path, node: str | None, address: tuple[str, int]) -> None:
+    """Serve the metrics on ``address`` (port 0: any free one; the URL is printed) until SIGTERM
+    or SIGINT."""
+    host, port = address
     stops = {signal.SIGTERM, signal.SIGINT}
     # Blocked before the server's thread starts, so that it inherits the mask and the signals
     # come to sigwait() below; blocked signals also reach a container's PID 1.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 from prefect_gpu_flows import _presence, _slots_cli, _slots_metrics
 
@@ -174,7 +175,8 @@ def test_the_gauges_of_a_busy_and_an_idle_node() -> None:
 
 
 def test_openmetrics_names_the_histograms_gauge_histograms() -> None:
-    registry = _slots_metrics._registry(_slots_metrics.SlotsCollector(lambda: [KNOWN], lambda: NOW))
+    registry = CollectorRegistry()
+    registry.register(_slots_metrics.SlotsCollector(lambda: [KNOWN], lambda: NOW))
     text = openmetrics(registry).decode()
     assert "# TYPE prefect_gpu_slots_waiting_seconds gaugehistogram" in text
     assert "# TYPE prefect_gpu_slots_held_seconds gaugehistogram" in text
@@ -187,4 +189,14 @@ def test_openmetrics_names_the_histograms_gauge_histograms() -> None:
     [("9465", ("0.0.0.0", 9465)), ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:80", ("::1", 80))],
 )
 def test_serve_addresses(address: str, expected: tuple[str, int]) -> None:
-    assert _slots_metrics._parse_address(address) == expected
+    assert _slots_metrics.parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["metrics", "127.0.0.1:", "70000"])
+def test_a_bad_serve_address_is_refused_before_serving(
+    address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _slots_cli.main(["--lock-dir", str(tmp_path), "--serve", address])
+    assert exited.value.code == 2
+    assert f"--serve: {address!r} is not [HOST:]PORT" in capsys.readouterr().err
