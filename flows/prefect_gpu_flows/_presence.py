@@ -19,7 +19,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Presence", "holders", "holding", "waiters", "waiting"]
+from prefect_gpu_flows._locks import read_reading
+
+__all__ = ["NodeSlots", "Presence", "holders", "holding", "node_slots", "waiters", "waiting"]
 
 _WAITING = "waiting"
 
@@ -130,3 +132,26 @@ def holders(directory: Path) -> list[Presence]:
 def waiters(directory: Path) -> list[Presence]:
     """The live waiters for the node's slots, longest waiting first."""
     return sorted(_read((directory / _WAITING).glob("*.json")), key=lambda p: p.since)
+
+
+@dataclass(frozen=True)
+class NodeSlots:
+    """One node's holders and waiters, as its lock directory shows them."""
+
+    node: str
+    limit: int | None  # as the node's claimers last read it from the server; None: never read
+    holders: list[Presence]
+    waiters: list[Presence]
+
+
+def node_slots(directory: Path) -> NodeSlots:
+    """The node whose lock directory this is; a directory not made yet shows an idle node."""
+    limit = None
+    with contextlib.suppress(OSError):
+        fd = os.open(directory / "gate.lock", os.O_RDONLY)
+        try:
+            reading = read_reading(fd)
+        finally:
+            os.close(fd)
+        limit = reading.limit if reading is not None else None
+    return NodeSlots(directory.name, limit, holders(directory), waiters(directory))

@@ -1,46 +1,27 @@
 """``prefect-gpu-slots [NODE]``: who holds a node's GPU slots and who waits, read from the node's
 lock directory (``PREFECT_GPU_LOCK_DIR``, one folder per node) where ``gpu_slot()`` runs, e.g.
-``kubectl exec <worker pod> -- prefect-gpu-slots``. ``--json`` prints the same as data and
-``--metrics`` as Prometheus text (for a textfile collector). It asks the Prefect server nothing.
+``kubectl exec <worker pod> -- prefect-gpu-slots``. ``--json`` prints the same as data,
+``--metrics`` as Prometheus text (for a textfile collector), and ``--serve [HOST:]PORT`` serves
+that on ``/metrics``, read afresh at each scrape (``_slots_metrics``). It asks the Prefect server
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect_gpu_flows._config import SlotConfig
-from prefect_gpu_flows._locks import read_reading
-from prefect_gpu_flows._presence import Presence, holders, waiters
+from prefect_gpu_flows._presence import NodeSlots, node_slots
+from prefect_gpu_flows._slots_metrics import exposition, node_names, parse_address, serve
 
 __all__ = ["NodeSlots", "main", "node_slots"]
-
-
-@dataclass(frozen=True)
-class NodeSlots:
-    node: str
-    limit: int | None  # as the node's claimers last read it from the server; None: never read
-    holders: list[Presence]
-    waiters: list[Presence]
-
-
-def node_slots(directory: Path) -> NodeSlots:
-    limit = None
-    with contextlib.suppress(OSError):
-        fd = os.open(directory / "gate.lock", os.O_RDONLY)
-        try:
-            reading = read_reading(fd)
-        finally:
-            os.close(fd)
-        limit = reading.limit if reading is not None else None
-    return NodeSlots(directory.name, limit, holders(directory), waiters(directory))
 
 
 def _age(since: float, now: float) -> str:
@@ -71,33 +52,11 @@ def _text(nodes: Sequence[NodeSlots], now: float) -> str:
     return "\n".join(lines)
 
 
-def _metrics(nodes: Sequence[NodeSlots], now: float) -> str:
-    """Gauges per node: the limit as last read, slots held, processes waiting, the longest
-    wait, and how long each slot has been held."""
-    lines = [
-        "# HELP prefect_gpu_slots_limit The node's GPU limit as its claimers last read it.",
-        "# TYPE prefect_gpu_slots_limit gauge",
-        "# HELP prefect_gpu_slots_held Slots of the node held by gpu_slot() blocks.",
-        "# TYPE prefect_gpu_slots_held gauge",
-        "# HELP prefect_gpu_slots_waiting Processes waiting for slots of the node.",
-        "# TYPE prefect_gpu_slots_waiting gauge",
-        "# HELP prefect_gpu_slots_longest_wait_seconds How long the longest waiter has waited.",
-        "# TYPE prefect_gpu_slots_longest_wait_seconds gauge",
-        "# HELP prefect_gpu_slot_held_seconds How long each held slot has been held.",
-        "# TYPE prefect_gpu_slot_held_seconds gauge",
-    ]
-    for node in nodes:
-        label = f'node="{node.node}"'
-        if node.limit is not None:
-            lines.append(f"prefect_gpu_slots_limit{{{label}}} {node.limit}")
-        lines.append(f"prefect_gpu_slots_held{{{label}}} {len(node.holders)}")
-        lines.append(f"prefect_gpu_slots_waiting{{{label}}} {len(node.waiters)}")
-        longest = max((now - waiter.since for waiter in node.waiters), default=0.0)
-        lines.append(f"prefect_gpu_slots_longest_wait_seconds{{{label}}} {longest:.3f}")
-        for held in node.holders:
-            slot = f'{label},slot="{held.slot}",device="{held.device}"'
-            lines.append(f"prefect_gpu_slot_held_seconds{{{slot}}} {now - held.since:.3f}")
-    return "\n".join(lines)
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT: {error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,9 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print the view as JSON")
     shown.add_argument("--metrics", action="store_true", help="print Prometheus text")
+    shown.add_argument(
+        "--serve",
+        metavar="[HOST:]PORT",
+        type=_address,
+        help="serve the metrics on /metrics, read afresh at each scrape, until SIGTERM",
+    )
     args = parser.parse_args(argv)
     root: Path = args.lock_dir
-    names = [args.node] if args.node else sorted(p.name for p in root.glob("*") if p.is_dir())
+    if args.serve is not None:
+        # A node may have no directory yet (no gpu_slot() block so far): it is served as idle.
+        serve(root, args.node, args.serve)
+        return 0
+    names = node_names(root, args.node)
     missing = [name for name in names if not (root / name).is_dir()]
     if missing or not names:
         print(
@@ -124,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([asdict(node) for node in nodes], indent=2))
     else:
-        print(_metrics(nodes, now) if args.metrics else _text(nodes, now))
+        sys.stdout.write(exposition(nodes, now) if args.metrics else _text(nodes, now) + "\n")
     return 0
 
 

@@ -13,9 +13,9 @@ types such as ``JSONSchemaProps`` need no inlining). Strict means what the API s
 - a custom resource's ``metadata`` is checked as ObjectMeta, as the server checks it.
 
 Sources: ``api/openapi-spec/swagger.json`` of ``k8s.io/kubernetes``, cert-manager's
-``deploy/crds/`` and the Prometheus Operator's ServiceMonitor CRD, converted once per version
-into the cache; the chart's own CRDs, converted where they are used (they change with the
-code).
+``deploy/crds/`` and the Prometheus Operator's ServiceMonitor and PodMonitor CRDs, converted once
+per version into the cache; the chart's own CRDs, converted where they are used (they change with
+the code).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ __all__ = [
 CERT_MANAGER_VERSION = "v1.21.2"
 # The newest release of the module the Go module proxy serves here (its CRDs are in example/).
 PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
+PROMETHEUS_OPERATOR_KINDS = ("servicemonitors", "podmonitors")
+"""The Prometheus Operator kinds the chart renders: the operator's and the GPU workers' scrapes."""
 Schema = dict[str, Any]
 
 _OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
@@ -209,8 +211,15 @@ def _prometheus_operator() -> dict[str, Schema]:
     module = _module_dir(
         "github.com/prometheus-operator/prometheus-operator", PROMETHEUS_OPERATOR_VERSION
     )
-    crd = module / "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
-    documents = [document for document in yaml.safe_load_all(crd.read_text()) if document]
+    crds = module / "example/prometheus-operator-crd"
+    documents = [
+        document
+        for kind in PROMETHEUS_OPERATOR_KINDS
+        for document in yaml.safe_load_all(
+            (crds / f"monitoring.coreos.com_{kind}.yaml").read_text()
+        )
+        if document
+    ]
     return crd_schemas(documents, kubernetes_definitions())
 
 
@@ -231,7 +240,10 @@ def ensure_schemas(*, install: bool = False) -> list[Path]:
     sources = {
         "kubernetes": _kubernetes,
         f"cert-manager-{CERT_MANAGER_VERSION}": _cert_manager,
-        f"prometheus-operator-{PROMETHEUS_OPERATOR_VERSION}": _prometheus_operator,
+        # Named by its kinds too: a cache made with fewer kinds is not taken for this one.
+        "-".join(
+            ["prometheus-operator", PROMETHEUS_OPERATOR_VERSION, *PROMETHEUS_OPERATOR_KINDS]
+        ): _prometheus_operator,
     }
     root = schemas_root()
     directories = []

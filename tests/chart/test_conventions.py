@@ -230,6 +230,51 @@ def test_the_service_monitor_scrapes_the_operators_metrics_service() -> None:
     ]
 
 
+def test_the_slots_metrics_sidecar_reads_the_workers_lock_directory_and_is_scraped() -> None:
+    docs = render_chart(NAMESPACE, VALUE_SETS["slots-metrics"], release=RELEASE)
+    (worker,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    pod = worker["spec"]["template"]["spec"]
+    main, sidecar = pod["containers"]
+    assert sidecar["name"] == "slots-metrics"
+    assert sidecar["image"] == main["image"]
+    assert sidecar["args"] == ["prefect-gpu-slots", "$(WORKER_ID)", "--serve", "0.0.0.0:9500"]
+    env = {v["name"]: v for v in sidecar["env"]}
+    assert env["WORKER_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    locks = {v["name"]: v["value"] for v in main["env"] if "value" in v}["PREFECT_GPU_LOCK_DIR"]
+    assert env["PREFECT_GPU_LOCK_DIR"]["value"] == locks
+    (mount,) = sidecar["volumeMounts"]
+    assert mount == {"name": "gpu-locks", "mountPath": locks, "readOnly": True}
+    assert {"name": "gpu-locks", "mountPath": locks} in main["volumeMounts"]
+    assert sidecar["securityContext"] == main["securityContext"]
+    assert "nvidia.com/gpu" not in str(sidecar["resources"])  # the worker's GPUs stay its own
+    assert sidecar["ports"] == [{"name": "slots-metrics", "containerPort": 9500}]
+    assert worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9500"
+    (monitor,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    assert selected.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["slots-metrics"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"inferenceWorker": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
+        {"inferenceWorker": {"enabled": True, "slotsMetrics": {"enabled": True}}},
+    ],
+)
+def test_no_pod_monitor_without_the_sidecar_and_the_prometheus_operator(
+    values: dict[str, Any],
+) -> None:
+    docs = render_chart(NAMESPACE, values, release=RELEASE)
+    assert not [d for d in docs if d["kind"] == "PodMonitor"]
+    (worker,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    names = [c["name"] for c in worker["spec"]["template"]["spec"]["containers"]]
+    assert names == ["worker", "slots-metrics"][: 1 + ("slotsMetrics" in values["inferenceWorker"])]
+
+
 def test_the_write_concurrency_reaches_the_operator() -> None:
     docs = render_chart(NAMESPACE, {"operator": {"prefectWriteConcurrency": 32}}, release=RELEASE)
     assert _operator_env(docs)[f"{ENV_PREFIX.upper()}PREFECT_WRITE_CONCURRENCY"] == "32"

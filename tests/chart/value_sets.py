@@ -53,6 +53,17 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         }
     },
     "worker-report-off": {"operator": {"workerReport": {"enabled": False}}},
+    # The GPU workers' slot metrics, scraped by a PodMonitor beside the operator's ServiceMonitor.
+    "slots-metrics": {
+        "inferenceWorker": {"enabled": True, "slotsMetrics": {"enabled": True, "port": 9500}},
+        "metrics": {
+            "serviceMonitor": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "labels": {"release": "kps"},
+            }
+        },
+    },
     # OpenShift: the namespace's SecurityContextConstraints choose the ids; global pull secrets.
     "openshift": {
         "imagePullSecrets": [{"name": "registry"}],

@@ -829,8 +829,8 @@ def test_the_slots_view_names_each_holder_and_waiter(node: Node, tmp_path: Path)
         metrics = subprocess.run(
             [SLOTS_CLI, node.worker_id, "--metrics"], capture_output=True, text=True, check=True
         ).stdout
-        assert f'prefect_gpu_slots_held{{node="{node.worker_id}"}} 2' in metrics
-        assert f'prefect_gpu_slots_waiting{{node="{node.worker_id}"}} 1' in metrics
+        assert f'prefect_gpu_slots_held{{node="{node.worker_id}"}} 2.0' in metrics
+        assert f'prefect_gpu_slots_waiting{{node="{node.worker_id}"}} 1.0' in metrics
     finally:
         release.touch()
         in_flow.join(timeout=60)
@@ -841,3 +841,121 @@ def test_the_slots_view_names_each_holder_and_waiter(node: Node, tmp_path: Path)
     shown = subprocess.run([SLOTS_CLI, node.worker_id, "--json"], capture_output=True, text=True)
     (after,) = json.loads(shown.stdout)
     assert after["holders"] == after["waiters"] == []
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One scrape: each family's type, and each sample's value by name, then by labels (the
+    node's label left out: one node is served)."""
+
+    types: dict[str, str]
+    samples: dict[str, dict[Labels, float]]
+
+    def __getitem__(self, name: str) -> dict[Labels, float]:
+        return self.samples[name]
+
+
+def _scrape(url: str) -> Scrape:
+    """The metrics at ``url``, asked for as Prometheus asks (OpenMetrics)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    response = httpx.get(url, headers={"Accept": "application/openmetrics-text"}, timeout=5)
+    response.raise_for_status()
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    scrape = Scrape({}, {})
+    for family in text_string_to_metric_families(response.text):
+        scrape.types[family.name] = family.type
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "node"))
+            scrape.samples.setdefault(sample.name, {})[labels] = sample.value
+    return scrape
+
+
+def test_the_slots_metrics_are_served_as_they_are_at_each_scrape(
+    node: Node, tmp_path: Path
+) -> None:
+    """``prefect-gpu-slots --serve``, as the chart's sidecar runs it, beside two real holders of
+    a 2-slot node and a third process waiting: each scrape reads the lock directory afresh."""
+    node.create_limit(2)
+    release = tmp_path / "release"
+    first = tmp_path / "first.jsonl"
+    second = tmp_path / "second.jsonl"
+    node.start_holder(first, "--until", str(release))
+    node.start_holder(second, "--until", str(release))
+    eventually(lambda: bool(entered(first) and entered(second)), timeout=60, what="both holders in")
+    waiter = node.start_holder(tmp_path / "waiter.jsonl", "--until", str(release))
+    started_waiting = time.time()
+    served = tmp_path / "served.log"
+    with served.open("wb") as log:
+        server = subprocess.Popen(
+            [SLOTS_CLI, node.worker_id, "--serve", "127.0.0.1:0"], stdout=log, stderr=log
+        )
+    try:
+
+        def address() -> str:
+            text = served.read_text()
+            assert "/metrics" in text, text
+            return text.split()[1]
+
+        url = eventually(
+            address, timeout=30, what="the server's address", alive=lambda: server.poll() is None
+        )
+        assert url.startswith("http://127.0.0.1:")
+
+        def busy() -> Scrape:
+            metrics = _scrape(url)
+            assert metrics["prefect_gpu_slots_waiting"] == {(): 1}, metrics
+            return metrics
+
+        seen = eventually(busy, timeout=60, what="two holders and a waiter in the metrics")
+        scraped = time.time()
+        assert seen["prefect_gpu_slots_limit"] == {(): 2}
+        assert seen["prefect_gpu_slots_held"] == {(): 2}
+        assert seen.types["prefect_gpu_slots_waiting_seconds"] == "gaugehistogram"
+        assert seen.types["prefect_gpu_slots_held_seconds"] == "gaugehistogram"
+        # Each slot held for as long as its holder has been in, by its own record.
+        ages = seen["prefect_gpu_slot_held_seconds"]
+        assert {dict(labels)["device"] for labels in ages} == {"0", "1"}
+        entries = [entered(first)[0]["t"], entered(second)[0]["t"]]
+        for age, since in zip(sorted(ages.values()), sorted(entries, reverse=True), strict=True):
+            assert scraped - since - 5 <= age <= scraped - since + 0.5
+        assert seen["prefect_gpu_slots_held_seconds_gcount"] == {(): 2}
+        assert seen["prefect_gpu_slots_held_seconds_gsum"][()] == pytest.approx(sum(ages.values()))
+        assert seen["prefect_gpu_slots_held_seconds_bucket"][(("le", "+Inf"),)] == 2
+        assert seen["prefect_gpu_slots_waiting_seconds_gcount"] == {(): 1}
+        (waited,) = seen["prefect_gpu_slots_longest_wait_seconds"].values()
+        assert 0 <= waited <= scraped - started_waiting + 0.5
+        assert seen["prefect_gpu_slots_waiting_seconds_gsum"] == {(): waited}
+        buckets = seen["prefect_gpu_slots_waiting_seconds_bucket"]
+        # The one waiter is in every bucket from the first bound at or above its wait.
+        assert all(count == (waited <= float(dict(le)["le"])) for le, count in buckets.items())
+        # Read afresh: the same holders, older at the next scrape.
+        later = eventually(
+            lambda: (
+                (m := _scrape(url))["prefect_gpu_slots_held_seconds_gsum"][()]
+                > seen["prefect_gpu_slots_held_seconds_gsum"][()]
+                and m
+            ),
+            timeout=10,
+            what="held time growing between scrapes",
+        )
+        assert later["prefect_gpu_slots_held"] == {(): 2}
+        release.touch()
+        assert waiter.wait(timeout=60) == 0
+
+        def idle() -> None:
+            metrics = _scrape(url)
+            assert metrics["prefect_gpu_slots_held"] == {(): 0}, metrics
+            assert metrics["prefect_gpu_slots_waiting"] == {(): 0}, metrics
+            assert metrics["prefect_gpu_slots_held_seconds_gcount"] == {(): 0}, metrics
+            assert "prefect_gpu_slot_held_seconds" not in metrics.samples, metrics
+
+        eventually(idle, timeout=30, what="no holder and no waiter once released")
+    finally:
+        release.touch()
+        server.send_signal(signal.SIGTERM)
+        returncode = server.wait(timeout=10)
+    assert returncode == 0, served.read_text()
