@@ -215,7 +215,10 @@ class PodWorker:
             raise RuntimeError(f"worker pod {self.name}: {status.phase}, {restarts} restarts")
 
     def log_tail(self, lines: int = 40) -> str:
-        return str(self._core.read_namespaced_pod_log(self.name, self.namespace, tail_lines=lines))
+        log = self._core.read_namespaced_pod_log(
+            self.name, self.namespace, container="worker", tail_lines=lines
+        )
+        return str(log)
 
     def summary(self, run_id: UUID) -> dict[str, Any]:
         """The run's summary.json, read from inside the pod."""

@@ -246,6 +246,7 @@ def test_the_slots_metrics_sidecar_reads_the_workers_lock_directory_and_is_scrap
     assert mount == {"name": "gpu-locks", "mountPath": locks, "readOnly": True}
     assert {"name": "gpu-locks", "mountPath": locks} in main["volumeMounts"]
     assert sidecar["securityContext"] == main["securityContext"]
+    assert pod["shareProcessNamespace"] is True  # it checks holders' processes are alive
     assert "nvidia.com/gpu" not in str(sidecar["resources"])  # the worker's GPUs stay its own
     assert sidecar["ports"] == [{"name": "slots-metrics", "containerPort": 9500}]
     assert worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9500"
@@ -271,8 +272,10 @@ def test_no_pod_monitor_without_the_sidecar_and_the_prometheus_operator(
     docs = render_chart(NAMESPACE, values, release=RELEASE)
     assert not [d for d in docs if d["kind"] == "PodMonitor"]
     (worker,) = [d for d in docs if d["kind"] == "DaemonSet"]
-    names = [c["name"] for c in worker["spec"]["template"]["spec"]["containers"]]
-    assert names == ["worker", "slots-metrics"][: 1 + ("slotsMetrics" in values["inferenceWorker"])]
+    pod = worker["spec"]["template"]["spec"]
+    sidecar = "slotsMetrics" in values["inferenceWorker"]
+    assert [c["name"] for c in pod["containers"]] == ["worker", "slots-metrics"][: 1 + sidecar]
+    assert pod.get("shareProcessNamespace", False) is sidecar
 
 
 def test_the_write_concurrency_reaches_the_operator() -> None:

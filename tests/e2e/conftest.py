@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client
 
 from prefect_gpu_sandbox.node import NodeCluster
-from tests.support.node_traces import node_traces
+from tests.support.node_traces import lasting_traces
 
 # What the node's fake GPU device plugin advertises at first.
 FAKE_GPUS = 2
@@ -31,7 +31,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
         yield cluster
     finally:
         cluster.stop()
-    assert not node_traces(cluster.directory, cluster.netns.name, pids)
+    assert not lasting_traces(cluster.directory, cluster.netns.name, pids)
 
 
 @pytest.fixture(scope="package")

@@ -20,7 +20,7 @@ import pytest
 
 from prefect_gpu_sandbox.demo.cluster import FAKE_GPUS, RUNS
 from prefect_gpu_sandbox.demo.workers import max_concurrency
-from tests.support.node_traces import node_traces
+from tests.support.node_traces import lasting_traces
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +44,17 @@ def test_cluster_demo_runs_gpu_flow_runs_in_the_charts_worker_pod(tmp_path: Path
     assert "runs with WORKER_ID=sandbox-node, read from inside its container" in out
     assert f"all {RUNS} flow runs Completed" in out
     assert "the limit followed" in out
+    # The worker pod's slots-metrics container served the node's slots while the runs ran.
+    scraped = re.search(
+        r"scraped (\d+) times meanwhile: up to (\d+) slot\(s\) held and (\d+) run\(s\) "
+        r"waiting, limit (\d+)",
+        out,
+    )
+    assert scraped, out
+    scrapes, held, _, limit = map(int, scraped.groups())
+    assert scrapes >= 3, scraped.group(0)
+    assert limit == FAKE_GPUS, scraped.group(0)
+    assert 1 <= held <= FAKE_GPUS, scraped.group(0)
 
     # The container was given FAKE_GPUS devices by the device plugin (UUIDs); each run's GPU
     # step saw, inside its slot, exactly one of them: the one its slot held.
@@ -70,7 +81,7 @@ def test_cluster_demo_runs_gpu_flow_runs_in_the_charts_worker_pod(tmp_path: Path
     # The demo stopped its node: nothing of it is left on this machine.
     assert "stopping the node" in out
     node_directory = tmp_path / "node"
-    assert not node_traces(node_directory, _netns(node_directory), [])
+    assert not lasting_traces(node_directory, _netns(node_directory), [])
 
 
 def _netns(directory: Path) -> str:

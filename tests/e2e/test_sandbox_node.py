@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.node_traces import node_traces
+from tests.support.node_traces import lasting_traces
 
 pytestmark = pytest.mark.e2e
 
@@ -58,5 +58,5 @@ def test_node_sandbox_lifecycle(tmp_path: Path) -> None:
     finally:
         down = _cli("down", "--dir", str(directory))
     assert down.returncode == 0, down.stdout + down.stderr
-    assert not node_traces(directory, state["netns"], state["pids"].values())
+    assert not lasting_traces(directory, state["netns"], state["pids"].values())
     assert _cli("status", "--dir", str(directory)).returncode == 1

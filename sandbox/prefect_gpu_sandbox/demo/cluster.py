@@ -12,20 +12,26 @@
    webhook, read back from inside its container.
 5. The bundled deployment runs four times at once on the worker pod; each run's summary, read
    from inside the pod, says which device UUID its GPU step saw; a timeline shows the steps
-   gated by the node's limit.
+   gated by the node's limit, and the worker pod's slots-metrics container (``prefect-gpu-slots
+   --serve``), scraped meanwhile, shows the slots held and the runs waiting.
 6. The plugin advertises a third GPU and the limit follows. Everything stops on exit, Ctrl-C
    included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from prefect_gpu_operator.api.policy import GROUP, PLURAL, VERSION
 from prefect_gpu_sandbox.demo import workers as demo_workers
@@ -45,13 +51,15 @@ from prefect_gpu_sandbox.on_node import (
 )
 from prefect_gpu_sandbox.processes import interrupt_safe
 
-__all__ = ["FAKE_GPUS", "RUNS", "run_cluster_demo"]
+__all__ = ["FAKE_GPUS", "RUNS", "SLOTS_METRICS_PORT", "run_cluster_demo"]
 
 FAKE_GPUS = 2
 RUNS = 4
 """Flow runs at once on the node's worker: twice its GPUs, so they queue for the slots."""
 DOCUMENT_COPIES = 40
 OPERATOR_NAMESPACE = "prefect-gpu-operator"
+SLOTS_METRICS_PORT = 9465
+"""The chart's default port of the GPU worker's slots-metrics container."""
 APPS_NAMESPACE = "prefect"
 
 
@@ -59,19 +67,21 @@ def _install(node: NodeCluster, images: dict[str, str]) -> Release:
     core = client.CoreV1Api(node.api)
     restricted_namespace(core, OPERATOR_NAMESPACE)
     release = Release(node, OPERATOR_NAMESPACE)
+    worker = worker_values(
+        images["worker"],
+        prefect_api_url=node.pod_prefect_api_url,
+        work_pool=demo_workers.POOL,
+        gpus=FAKE_GPUS,
+    )
     values: dict[str, Any] = {
         "operator": {"image": image_values(images["operator"])},
-        "inferenceWorker": worker_values(
-            images["worker"],
-            prefect_api_url=node.pod_prefect_api_url,
-            work_pool=demo_workers.POOL,
-            gpus=FAKE_GPUS,
-        ),
+        "inferenceWorker": {**worker, "slotsMetrics": {"enabled": True}},
     }
     release.install(values)
     step(
         f"helm install {release.name} charts/prefect-gpu-operator -n {OPERATOR_NAMESPACE} "
-        "(namespace enforcing restricted Pod Security; inferenceWorker.enabled=true)"
+        "(namespace enforcing restricted Pod Security; inferenceWorker.enabled=true, "
+        "inferenceWorker.slotsMetrics.enabled=true)"
     )
     release.wait_operator_ready()
     step("the operator's 2 replicas are Ready through their probes (kopf peering: one active)")
@@ -124,16 +134,23 @@ def _inference(node: NodeCluster, release: Release, http: httpx.Client, work: Pa
         deployment = demo_workers.create_deployment(prefect, ())
         step(f"deployed {demo_workers.DEPLOYMENT} to pool {demo_workers.POOL}")
         started = time.perf_counter()
-        runs = demo_workers.run_flows(
-            prefect,
-            deployment,
-            [worker],
-            runs_per_node=RUNS,
-            parameters={"documents_path": documents},
-            timeout=600,
-            report=step,
-        )
+        with _scraping_slots(node, worker) as scraped:
+            runs = demo_workers.run_flows(
+                prefect,
+                deployment,
+                [worker],
+                runs_per_node=RUNS,
+                parameters={"documents_path": documents},
+                timeout=600,
+                report=step,
+            )
     step(f"all {len(runs)} flow runs Completed in {time.perf_counter() - started:.1f} s")
+    step(
+        f"the worker pod's slots-metrics container, scraped {len(scraped.samples)} times "
+        f"meanwhile: up to {scraped.most('prefect_gpu_slots_held')} slot(s) held and "
+        f"{scraped.most('prefect_gpu_slots_waiting')} run(s) waiting, limit "
+        f"{scraped.most('prefect_gpu_slots_limit')}"
+    )
     demo_workers.print_timeline(runs, {name: item["limit"] for name, item in limits(http).items()})
     for run in sorted(runs, key=lambda run: run.name):
         print(
@@ -142,6 +159,56 @@ def _inference(node: NodeCluster, release: Release, http: httpx.Client, work: Pa
         )
     demo_workers.write_timeline(runs, work / "timeline.json")
     print(f"    (as JSON: {work / 'timeline.json'}; summaries read from inside {worker.name})")
+
+
+_SCRAPE = (
+    "import urllib.request; "
+    f"print(urllib.request.urlopen('http://127.0.0.1:{SLOTS_METRICS_PORT}/metrics').read().decode())"
+)
+
+
+@dataclass
+class _Scraped:
+    """Per scrape of the slots-metrics container: the node's gauges (name -> value)."""
+
+    samples: list[dict[str, float]] = field(default_factory=list)
+    failed: Exception | None = None
+
+    def most(self, gauge: str) -> int:
+        return int(max((sample.get(gauge, 0.0) for sample in self.samples), default=0.0))
+
+
+@contextlib.contextmanager
+def _scraping_slots(node: NodeCluster, worker: PodWorker) -> Iterator[_Scraped]:
+    """Scrape the worker pod's slots-metrics container every second while the block runs, from
+    inside the pod (the containers share its network), as Prometheus would from outside."""
+    scraped = _Scraped()
+    done = threading.Event()
+
+    def scrape() -> None:
+        try:
+            while not done.wait(1.0):
+                text = kubectl_exec(node, worker.pod, f'python -c "{_SCRAPE}"')
+                scraped.samples.append(
+                    {
+                        sample.name: sample.value
+                        for family in text_string_to_metric_families(text)
+                        for sample in family.samples
+                        if sample.labels == {"node": node.node_name}
+                    }
+                )
+        except Exception as error:
+            scraped.failed = error
+
+    scraper = threading.Thread(target=scrape, name="slots-metrics", daemon=True)
+    scraper.start()
+    try:
+        yield scraped
+    finally:
+        done.set()
+        scraper.join(timeout=30)
+    if scraped.failed is not None:
+        raise RuntimeError("scraping the slots-metrics container failed") from scraped.failed
 
 
 def _write_documents(node: NodeCluster, worker: PodWorker, path: str) -> None:
